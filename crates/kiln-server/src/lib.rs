@@ -1,1 +1,14 @@
-//! Server wiring (being written).
+//! Kiln server wiring: reads the configuration, builds the stores and
+//! instances it declares, and serves the REAPI services over gRPC and
+//! health over HTTP.
+
+pub mod config;
+mod data_dir;
+mod error;
+pub mod grpc;
+mod http;
+mod server;
+mod stores;
+
+pub use error::ServerError;
+pub use server::{Overrides, RunningServer, start};

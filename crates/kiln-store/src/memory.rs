@@ -1,1 +1,481 @@
-//! (being written)
+//! An in-memory store bounded by payload bytes.
+//!
+//! # Layout
+//!
+//! Keys are spread over [`SHARDS`] shards by a seeded hash. Each shard is a
+//! `parking_lot::RwLock` around a slab (`Vec<Option<Slot>>`) and a
+//! `hashbrown::HashTable<u32>` of slab indices, so an entry costs one
+//! 96-byte slot plus ~5–10 bytes of table, with no per-entry allocation
+//! besides the payload itself (held as the caller's [`Bytes`], never copied).
+//!
+//! # Eviction: CLOCK (second chance)
+//!
+//! Every slot carries an `AtomicU32`: a "referenced" bit plus the second (since
+//! the store was created) of its last use. Reads take only the shard's shared
+//! lock and set the bit with a relaxed store (skipped when already set for the
+//! current second, so hot entries do not bounce cache lines). New entries start
+//! unreferenced. To make room, a global cursor picks shards round-robin; in a
+//! shard, a clock hand sweeps the slab: a referenced slot loses its bit and is
+//! skipped (its second chance), an unreferenced one is evicted. This is the
+//! classic CLOCK approximation of LRU: a blob used since the hand last passed
+//! survives the next pass.
+//!
+//! # Accounting
+//!
+//! The byte count is one `AtomicU64`. A put first *reserves* its length
+//! (compare-and-swap, evicting until the reservation fits), then inserts, so
+//! the count never exceeds the capacity, and once no put is in flight it
+//! equals the sum of stored payload lengths exactly.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use kiln_digest::BlobKey;
+use parking_lot::RwLock;
+
+use crate::{Blob, BlobRead, BlobWriter, Encoding, Store, StoreError, StoreResult, StoreStats};
+
+/// Number of shards (a power of two).
+const SHARDS: usize = 128;
+/// Chunk size of streamed reads (slices of the stored payload).
+const READ_CHUNK: usize = 64 * 1024;
+/// "Referenced since the clock hand last passed" bit of `Slot::used`.
+const REF: u32 = 1 << 31;
+/// Commits assembling more than this many bytes copy on the blocking pool.
+const BLOCKING_ASSEMBLY: u64 = 8 << 20;
+/// How many times a put waits for in-flight puts to release space before it
+/// reports the store as full (only happens when the whole capacity is
+/// reserved by concurrent puts that have not inserted yet).
+const RESERVE_RETRIES: u32 = 1000;
+/// Slots the stats probe looks at behind each shard's clock hand.
+const AGE_PROBE: usize = 8;
+
+struct Slot {
+    key: BlobKey,
+    data: Bytes,
+    /// `REF` | second of last use (since `Inner::epoch`).
+    used: AtomicU32,
+    encoding: Encoding,
+}
+
+#[derive(Default)]
+struct ShardData {
+    table: HashTable<u32>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    hand: usize,
+}
+
+/// A shard on its own cache lines, so that readers of neighbouring shards
+/// do not contend on the lock words.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    data: RwLock<ShardData>,
+}
+
+struct Inner {
+    shards: Box<[Shard]>,
+    hasher: DefaultHashBuilder,
+    /// Effective limit (`u64::MAX` when unbounded).
+    limit: u64,
+    /// As given (0 = unbounded), for `stats()`.
+    capacity: u64,
+    bytes: AtomicU64,
+    items: AtomicU64,
+    evictions: AtomicU64,
+    cursor: AtomicUsize,
+    epoch: Instant,
+}
+
+/// An in-memory LRU-ish (CLOCK) store bounded by payload bytes.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+impl MemoryStore {
+    /// A store holding at most `capacity_bytes` of payload (0 = unbounded).
+    pub fn new(capacity_bytes: u64) -> Self {
+        let shards: Box<[Shard]> = (0..SHARDS).map(|_| Shard::default()).collect();
+        MemoryStore {
+            inner: Arc::new(Inner {
+                shards,
+                hasher: DefaultHashBuilder::default(),
+                limit: if capacity_bytes == 0 { u64::MAX } else { capacity_bytes },
+                capacity: capacity_bytes,
+                bytes: AtomicU64::new(0),
+                items: AtomicU64::new(0),
+                evictions: AtomicU64::new(0),
+                cursor: AtomicUsize::new(0),
+                epoch: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn now(&self) -> u32 {
+        (self.epoch.elapsed().as_secs() as u32) & !REF
+    }
+
+    fn locate(&self, key: &BlobKey) -> (u64, &Shard) {
+        let h = self.hasher.hash_one(key);
+        // hashbrown uses the low bits (bucket) and the top 7 (tag); shard on
+        // bits in between so shards do not skew either.
+        let shard = ((h >> 40) as usize) & (SHARDS - 1);
+        (h, &self.shards[shard])
+    }
+
+    fn too_large(&self, size: u64) -> StoreResult<()> {
+        if size > self.limit {
+            return Err(StoreError::TooLarge {
+                size,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Looks a key up under the shared lock, marking it used.
+    fn lookup<R>(&self, key: &BlobKey, f: impl FnOnce(&Slot) -> R) -> Option<R> {
+        let (h, shard) = self.locate(key);
+        let now = self.now() | REF;
+        let guard = shard.data.read();
+        let idx = *guard
+            .table
+            .find(h, |&i| matches!(&guard.slots[i as usize], Some(s) if s.key == *key))?;
+        let slot = guard.slots[idx as usize].as_ref()?;
+        if slot.used.load(Ordering::Relaxed) != now {
+            slot.used.store(now, Ordering::Relaxed);
+        }
+        Some(f(slot))
+    }
+
+    /// Reserves `len` bytes of the capacity, evicting as needed.
+    async fn reserve(&self, len: u64) -> StoreResult<()> {
+        let mut waits = 0;
+        loop {
+            let cur = self.bytes.load(Ordering::Acquire);
+            if cur.saturating_add(len) <= self.limit {
+                if self
+                    .bytes
+                    .compare_exchange_weak(cur, cur + len, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.evict_one() {
+                continue;
+            }
+            // Nothing evictable: the space is reserved by puts in flight.
+            waits += 1;
+            if waits > RESERVE_RETRIES {
+                return Err(StoreError::Full(format!(
+                    "cannot make room for {len} bytes: {cur} of {} bytes are held or being written",
+                    self.limit
+                )));
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Evicts one entry from the next shard (round robin) that has one.
+    fn evict_one(&self) -> bool {
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        for i in 0..SHARDS {
+            let shard = &self.shards[(start + i) & (SHARDS - 1)];
+            let victim = {
+                let mut guard = shard.data.write();
+                guard.evict_clock(&self.hasher)
+            };
+            if let Some(slot) = victim {
+                self.bytes.fetch_sub(slot.data.len() as u64, Ordering::AcqRel);
+                self.items.fetch_sub(1, Ordering::Relaxed);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(key = %slot.key, "memory store evicted blob");
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Stores a payload whose length has already been reserved.
+    fn insert_reserved(&self, key: &BlobKey, encoding: Encoding, data: Bytes) {
+        let (h, shard) = self.locate(key);
+        let used = AtomicU32::new(self.now());
+        let replaced = {
+            let mut guard = shard.data.write();
+            let ShardData { table, slots, free, .. } = &mut *guard;
+            let found = table
+                .find(h, |&i| matches!(&slots[i as usize], Some(s) if s.key == *key))
+                .copied();
+            match found {
+                Some(idx) => {
+                    let slot = Slot {
+                        key: key.clone(),
+                        data,
+                        used,
+                        encoding,
+                    };
+                    slots[idx as usize].replace(slot)
+                }
+                None => {
+                    let slot = Some(Slot {
+                        key: key.clone(),
+                        data,
+                        used,
+                        encoding,
+                    });
+                    let idx = match free.pop() {
+                        Some(idx) => {
+                            slots[idx as usize] = slot;
+                            idx
+                        }
+                        None => {
+                            if slots.len() == slots.capacity() {
+                                // Grow by a quarter, not double: bounds slack.
+                                slots.reserve_exact((slots.len() / 4).max(16));
+                            }
+                            slots.push(slot);
+                            (slots.len() - 1) as u32
+                        }
+                    };
+                    let hasher = &self.hasher;
+                    table.insert_unique(h, idx, |&i| match &slots[i as usize] {
+                        Some(s) => hasher.hash_one(&s.key),
+                        None => 0,
+                    });
+                    None
+                }
+            }
+        };
+        // The old payload (if any) is released outside the lock.
+        match replaced {
+            Some(old) => {
+                self.bytes.fetch_sub(old.data.len() as u64, Ordering::AcqRel);
+            }
+            None => {
+                self.items.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn insert(&self, key: &BlobKey, encoding: Encoding, data: Bytes) -> StoreResult<()> {
+        let len = data.len() as u64;
+        self.too_large(len)?;
+        self.reserve(len).await?;
+        self.insert_reserved(key, encoding, data);
+        Ok(())
+    }
+
+    /// Approximate age of the least recently used entry: the oldest last-use
+    /// among the few slots about to be reached by each shard's clock hand.
+    fn oldest_age_secs(&self) -> u64 {
+        let now = self.now();
+        let mut oldest = 0u32;
+        for shard in self.shards.iter() {
+            let guard = shard.data.read();
+            let n = guard.slots.len();
+            if guard.table.is_empty() {
+                continue;
+            }
+            let mut seen = 0;
+            for step in 0..n {
+                if seen == AGE_PROBE {
+                    break;
+                }
+                if let Some(s) = &guard.slots[(guard.hand + step) % n] {
+                    seen += 1;
+                    let t = s.used.load(Ordering::Relaxed) & !REF;
+                    oldest = oldest.max(now.saturating_sub(t));
+                }
+            }
+        }
+        u64::from(oldest)
+    }
+}
+
+impl ShardData {
+    /// One CLOCK step: sweeps from the hand, clearing reference bits, and
+    /// removes the first unreferenced entry (at most two passes).
+    fn evict_clock(&mut self, hasher: &DefaultHashBuilder) -> Option<Slot> {
+        if self.table.is_empty() {
+            return None;
+        }
+        let n = self.slots.len();
+        for _ in 0..=2 * n {
+            if self.hand >= n {
+                self.hand = 0;
+            }
+            let i = self.hand;
+            self.hand += 1;
+            let Some(slot) = &self.slots[i] else { continue };
+            let used = slot.used.load(Ordering::Relaxed);
+            if used & REF != 0 {
+                slot.used.store(used & !REF, Ordering::Relaxed);
+                continue;
+            }
+            let h = hasher.hash_one(&slot.key);
+            if let Ok(entry) = self.table.find_entry(h, |&j| j as usize == i) {
+                entry.remove();
+            }
+            self.free.push(i as u32);
+            return self.slots[i].take();
+        }
+        None
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Streams `data[start..]` as slices of at most [`READ_CHUNK`] bytes.
+fn slice_stream(data: Bytes, start: usize) -> crate::ChunkStream {
+    let len = data.len();
+    futures::stream::iter((start..len).step_by(READ_CHUNK))
+        .map(move |p| Ok(data.slice(p..(p + READ_CHUNK).min(len))))
+        .boxed()
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn describe(&self) -> String {
+        if self.inner.capacity == 0 {
+            "memory(unbounded)".to_string()
+        } else {
+            format!("memory({})", human(self.inner.capacity))
+        }
+    }
+
+    async fn has_many(&self, keys: &[BlobKey]) -> StoreResult<Vec<bool>> {
+        // A presence check counts as a use (the spec asks servers to extend
+        // the lifetime of blobs named in FindMissingBlobs).
+        Ok(keys.iter().map(|k| self.inner.lookup(k, |_| ()).is_some()).collect())
+    }
+
+    async fn get(&self, key: &BlobKey) -> StoreResult<Option<Blob>> {
+        Ok(self.inner.lookup(key, |s| Blob {
+            encoding: s.encoding,
+            data: s.data.clone(),
+        }))
+    }
+
+    async fn read(&self, key: &BlobKey, offset: u64) -> StoreResult<Option<BlobRead>> {
+        let Some((encoding, data)) = self.inner.lookup(key, |s| (s.encoding, s.data.clone())) else {
+            return Ok(None);
+        };
+        let len = data.len() as u64;
+        let start = match encoding {
+            Encoding::Identity => offset.min(len),
+            Encoding::Zstd => 0,
+        };
+        Ok(Some(BlobRead {
+            encoding,
+            start,
+            stored_len: len,
+            stream: slice_stream(data, start as usize),
+        }))
+    }
+
+    async fn put(&self, key: &BlobKey, blob: Blob) -> StoreResult<()> {
+        self.inner.insert(key, blob.encoding, blob.data).await
+    }
+
+    async fn begin_write(&self, key: &BlobKey, encoding: Encoding) -> StoreResult<Box<dyn BlobWriter>> {
+        if encoding == Encoding::Identity {
+            self.inner.too_large(key.size())?;
+        }
+        Ok(Box::new(MemoryWriter {
+            inner: self.inner.clone(),
+            key: key.clone(),
+            encoding,
+            chunks: Vec::new(),
+            len: 0,
+        }))
+    }
+
+    fn stats(&self) -> StoreStats {
+        let inner = &self.inner;
+        let items = inner.items.load(Ordering::Relaxed);
+        StoreStats {
+            bytes: inner.bytes.load(Ordering::Acquire),
+            items,
+            capacity: inner.capacity,
+            evictions: inner.evictions.load(Ordering::Relaxed),
+            oldest_age_secs: if items == 0 { 0 } else { inner.oldest_age_secs() },
+        }
+    }
+}
+
+/// Collects chunks (no copy per write) and assembles them once at commit.
+struct MemoryWriter {
+    inner: Arc<Inner>,
+    key: BlobKey,
+    encoding: Encoding,
+    chunks: Vec<Bytes>,
+    len: u64,
+}
+
+#[async_trait]
+impl BlobWriter for MemoryWriter {
+    async fn write(&mut self, chunk: Bytes) -> StoreResult<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let len = self.len + chunk.len() as u64;
+        self.inner.too_large(len)?;
+        self.len = len;
+        self.chunks.push(chunk);
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> StoreResult<()> {
+        let MemoryWriter {
+            inner,
+            key,
+            encoding,
+            mut chunks,
+            len,
+        } = *self;
+        let data = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ if len > BLOCKING_ASSEMBLY => {
+                crate::task::blocking("memory-assemble", move || assemble(&chunks, len)).await?
+            }
+            _ => assemble(&chunks, len),
+        };
+        inner.insert(&key, encoding, data).await
+    }
+}
+
+fn assemble(chunks: &[Bytes], len: u64) -> Bytes {
+    let mut buf = BytesMut::with_capacity(len as usize);
+    for c in chunks {
+        buf.extend_from_slice(c);
+    }
+    buf.freeze()
+}

@@ -51,10 +51,10 @@ pub async fn start(instances: Instances) -> TestServer {
     let mut routes = tonic::service::RoutesBuilder::default();
     kiln_cache::add_routes(&mut routes, instances.clone());
     let (tx, rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // serve_with_incoming ignores Server::tcp_nodelay: set it on the incoming.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;

@@ -1,0 +1,129 @@
+//! Starting and stopping a whole Kiln server from a [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_cache::{CacheLimits, Instance, Instances};
+use kiln_digest::DigestFunction;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::stores::build_stores;
+use crate::{ServerError, data_dir, grpc, http};
+
+/// Command-line values that take precedence over the config file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A started server: its bound addresses and a way to stop it.
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub instances: Arc<Instances>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl RunningServer {
+    /// Asks both listeners to stop accepting and finish in-flight calls.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until both listeners have stopped; the first error wins.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        let mut result = Ok(());
+        for task in self.tasks {
+            let r = match task.await {
+                Ok(r) => r,
+                Err(e) => Err(ServerError::Io {
+                    context: "server task".into(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            };
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+fn signal(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        // Err means the sender is gone: stop as well.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Io {
+        context: format!("binding the {what} listener to {addr}"),
+        source,
+    })
+}
+
+/// Opens the stores, binds both listeners and starts serving. Disk stores
+/// finish indexing in the background: start-up does not wait for a scan.
+pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer, ServerError> {
+    let data_dir = overrides
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| data_dir::resolve(config.server.data_dir.as_ref()));
+    let stores = build_stores(&config, &data_dir).await?;
+    let limits = CacheLimits {
+        max_batch_total_size_bytes: config.limits.max_batch_total_size.bytes(),
+        max_cas_blob_size_bytes: config.limits.max_cas_blob_size.bytes(),
+        max_inline_bytes: config.limits.max_inline_size.bytes(),
+    };
+    let instances = config.instances.iter().map(|ic| {
+        let mut inst = Instance::new(
+            ic.name.clone(),
+            stores.by_name[ic.cas.get_ref()].clone(),
+            stores.by_name[ic.ac.get_ref()].clone(),
+        );
+        inst.ac_read_only = ic.read_only;
+        inst.ac_completeness_check = ic.completeness_check;
+        if let Some(fns) = &ic.digest_functions {
+            inst.digest_functions = fns
+                .iter()
+                .filter_map(|f| DigestFunction::from_name(f.get_ref()))
+                .collect();
+        }
+        inst
+    });
+    let instances = Arc::new(Instances::new(instances.collect::<Vec<_>>(), limits));
+
+    let grpc_listener = bind(overrides.listen.unwrap_or(config.server.listen), "gRPC").await?;
+    let http_listener = bind(overrides.http_listen.unwrap_or(config.server.http_listen), "HTTP").await?;
+    let local = |l: &TcpListener| {
+        l.local_addr().map_err(|source| ServerError::Io {
+            context: "reading a listener's address".into(),
+            source,
+        })
+    };
+    let grpc_addr = local(&grpc_listener)?;
+    let http_addr = local(&http_listener)?;
+
+    let (shutdown, rx) = watch::channel(false);
+    let grpc_task = tokio::spawn(grpc::serve(grpc_listener, instances.clone(), signal(&rx)));
+    let http_task = tokio::spawn(http::serve(http_listener, instances.clone(), signal(&rx)));
+    tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "kiln serving");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        data_dir,
+        instances,
+        shutdown,
+        tasks: vec![grpc_task, http_task],
+    })
+}
