@@ -14,12 +14,9 @@ impl Latencies {
         Latencies { sorted: samples }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.sorted.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.sorted.is_empty()
     }
 
     /// Nearest-rank percentile `p` in [0, 100]: the smallest sample such

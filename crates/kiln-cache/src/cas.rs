@@ -17,6 +17,7 @@
 //!   blocking pool, split into one group per core.
 
 use std::collections::HashSet;
+use std::collections::hash_map::{Entry, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
@@ -63,7 +64,7 @@ pub(crate) fn request_function(instance: &Instance, proto_value: i32, first_hash
 
 /// The sum of the (non-negative) sizes of `digests`, checked against the
 /// batch limit.
-fn check_batch_total<'a>(
+fn check_batch_total(
     limits: &CacheLimits,
     sizes: impl Iterator<Item = i64>,
     what: &str,
@@ -284,49 +285,39 @@ impl CasService {
         let (present, verified) = futures::join!(existence, verify);
         let verified = verified?;
 
-        let mut writes = Vec::new();
-        let mut queued: HashSet<BlobKey> = HashSet::new();
+        // One write per distinct key; duplicates in the batch share its outcome.
+        let mut writes: Vec<(BlobKey, Blob)> = Vec::new();
+        let mut waiting: HashMap<BlobKey, Vec<usize>> = HashMap::new();
         for (i, key, result) in verified {
             match result {
                 Err(e) => statuses[i] = Some(e.to_rpc_status()),
-                Ok(blob) => {
-                    if key.is_empty_blob() || present.contains(&key) || !queued.insert(key.clone()) {
-                        statuses[i] = Some(ok_status());
-                    } else {
-                        writes.push((i, key, blob));
+                Ok(_) if key.is_empty_blob() || present.contains(&key) => statuses[i] = Some(ok_status()),
+                Ok(blob) => match waiting.entry(key) {
+                    Entry::Occupied(mut e) => e.get_mut().push(i),
+                    Entry::Vacant(e) => {
+                        writes.push((e.key().clone(), blob));
+                        e.insert(vec![i]);
                     }
-                }
+                },
             }
         }
         let cas = instance.cas.clone();
         let mut results = futures::stream::iter(writes)
-            .map(|(i, key, blob)| {
+            .map(|(key, blob)| {
                 let cas = cas.clone();
                 async move {
                     let r = cas.put(&key, blob).await;
-                    (i, key, r)
+                    (key, r)
                 }
             })
             .buffer_unordered(STORE_CONCURRENCY);
-        let mut written: Vec<(BlobKey, kiln_proto::rpc::Status)> = Vec::new();
-        while let Some((i, key, r)) = results.next().await {
+        while let Some((key, r)) = results.next().await {
             let status = match r {
                 Ok(()) => ok_status(),
                 Err(e) => CacheError::store(format!("storing {key}"))(e).to_rpc_status(),
             };
-            statuses[i] = Some(status.clone());
-            written.push((key, status));
-        }
-        // Duplicates of a written key share its outcome.
-        if !written.is_empty() && written.len() < queued.len() + 1 {
-            let by_key: std::collections::HashMap<BlobKey, kiln_proto::rpc::Status> = written.into_iter().collect();
-            for (i, d) in digests.iter().enumerate() {
-                if statuses[i].as_ref().is_some_and(|s| s.code == 0)
-                    && let Ok(k) = BlobKey::from_digest(function, d)
-                    && let Some(s) = by_key.get(&k)
-                {
-                    statuses[i] = Some(s.clone());
-                }
+            for i in waiting.remove(&key).unwrap_or_default() {
+                statuses[i] = Some(status.clone());
             }
         }
 

@@ -116,7 +116,13 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
 
     let (shutdown, rx) = watch::channel(false);
     let grpc_task = tokio::spawn(grpc::serve(grpc_listener, instances.clone(), signal(&rx)));
-    let http_task = tokio::spawn(http::serve(http_listener, instances.clone(), signal(&rx)));
+    let named_stores = stores.by_name.into_iter().collect();
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        instances.clone(),
+        named_stores,
+        signal(&rx),
+    ));
     tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "kiln serving");
     Ok(RunningServer {
         grpc_addr,

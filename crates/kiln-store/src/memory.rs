@@ -14,8 +14,8 @@
 //! the store was created) of its last use. Reads take only the shard's shared
 //! lock and set the bit with a relaxed store (skipped when already set for the
 //! current second, so hot entries do not bounce cache lines). New entries start
-//! unreferenced. To make room, a global cursor picks shards round-robin; in a
-//! shard, a clock hand sweeps the slab: a referenced slot loses its bit and is
+//! unreferenced. To make room, a put evicts from its own key's shard (see
+//! `Inner::evict_one`); in a shard, a clock hand sweeps the slab: a referenced slot loses its bit and is
 //! skipped (its second chance), an unreferenced one is evicted. This is the
 //! classic CLOCK approximation of LRU: a blob used since the hand last passed
 //! survives the next pass.
@@ -126,11 +126,16 @@ impl Inner {
     }
 
     fn locate(&self, key: &BlobKey) -> (u64, &Shard) {
+        let (h, shard) = self.hash(key);
+        (h, &self.shards[shard])
+    }
+
+    /// The key's hash and shard index.
+    fn hash(&self, key: &BlobKey) -> (u64, usize) {
         let h = self.hasher.hash_one(key);
         // hashbrown uses the low bits (bucket) and the top 7 (tag); shard on
         // bits in between so shards do not skew either.
-        let shard = ((h >> 40) as usize) & (SHARDS - 1);
-        (h, &self.shards[shard])
+        (h, ((h >> 40) as usize) & (SHARDS - 1))
     }
 
     fn too_large(&self, size: u64) -> StoreResult<()> {
@@ -158,8 +163,9 @@ impl Inner {
         Some(f(slot))
     }
 
-    /// Reserves `len` bytes of the capacity, evicting as needed.
-    async fn reserve(&self, len: u64) -> StoreResult<()> {
+    /// Reserves `len` bytes of the capacity, evicting as needed from
+    /// `shard` (the inserted key's) first.
+    async fn reserve(&self, len: u64, shard: usize) -> StoreResult<()> {
         let mut waits = 0;
         loop {
             let cur = self.bytes.load(Ordering::Acquire);
@@ -173,7 +179,7 @@ impl Inner {
                 }
                 continue;
             }
-            if self.evict_one() {
+            if self.evict_one(shard) {
                 continue;
             }
             // Nothing evictable: the space is reserved by puts in flight.
@@ -188,11 +194,19 @@ impl Inner {
         }
     }
 
-    /// Evicts one entry from the next shard (round robin) that has one.
-    fn evict_one(&self) -> bool {
+    /// Evicts one entry from `preferred` or, if it is empty, from the next
+    /// shard (round robin) that has one.
+    ///
+    /// Evicting from the shard that receives the insert keeps every shard's
+    /// share of the capacity proportional to its share of the inserts (the
+    /// hash spreads both evenly), so each shard's clock sees the same
+    /// pressure; round-robin eviction instead would let shard sizes drift
+    /// apart like a random walk.
+    fn evict_one(&self, preferred: usize) -> bool {
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        for i in 0..SHARDS {
-            let shard = &self.shards[(start + i) & (SHARDS - 1)];
+        for i in 0..=SHARDS {
+            let index = if i == 0 { preferred } else { (start + i) & (SHARDS - 1) };
+            let shard = &self.shards[index];
             let victim = {
                 let mut guard = shard.data.write();
                 guard.evict_clock(&self.hasher)
@@ -272,7 +286,7 @@ impl Inner {
     async fn insert(&self, key: &BlobKey, encoding: Encoding, data: Bytes) -> StoreResult<()> {
         let len = data.len() as u64;
         self.too_large(len)?;
-        self.reserve(len).await?;
+        self.reserve(len, self.hash(key).1).await?;
         self.insert_reserved(key, encoding, data);
         Ok(())
     }

@@ -14,10 +14,18 @@ use kiln_server::config;
 use kiln_server::{Overrides, start};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Remote build cache speaking Bazel's Remote Execution API v2")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Remote build cache speaking Bazel's Remote Execution API v2",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Without a subcommand, `kiln` serves (same flags as `kiln serve`).
+    #[command(flatten)]
+    serve: ServeArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -75,7 +83,11 @@ fn init_logging(args: &LogArgs) {
         .unwrap_or_else(|| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -84,7 +96,7 @@ fn init_logging(args: &LogArgs) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::CheckConfig { file } => match config::load_file(&file) {
             Ok(c) => {
                 println!(

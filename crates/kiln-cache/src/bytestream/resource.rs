@@ -216,54 +216,64 @@ mod tests {
         BlobKey::from_hex(DigestFunction::Sha256, SHA, size).unwrap()
     }
 
+    /// Parses a read name into owned parts: (instance, compressor, key).
+    fn read_ok(name: &str) -> (String, Compressor, BlobKey) {
+        let r = parse_read(name).unwrap();
+        (r.instance.to_string(), r.compressor, r.key)
+    }
+
+    /// Parses an upload name into owned parts: (instance, uuid, compressor, key).
+    fn write_ok(name: &str) -> (String, String, Compressor, BlobKey) {
+        let w = parse_write(name).unwrap();
+        (w.instance.to_string(), w.uuid.to_string(), w.compressor, w.key)
+    }
+
     #[test]
     fn read_names() {
-        let r = parse_read(&format!("blobs/{SHA}/12")).unwrap();
-        assert_eq!(r.instance, "");
-        assert_eq!(r.compressor, Compressor::Identity);
-        assert_eq!(r.key, sha_key(12));
+        let (inst, c, key) = read_ok(&format!("blobs/{SHA}/12"));
+        assert_eq!((inst.as_str(), c, key), ("", Compressor::Identity, sha_key(12)));
 
-        let r = parse_read(&format!("a/b/c/blobs/{SHA}/0")).unwrap();
-        assert_eq!(r.instance, "a/b/c");
-        assert_eq!(r.key, sha_key(0));
+        let (inst, c, key) = read_ok(&format!("a/b/c/blobs/{SHA}/0"));
+        assert_eq!(
+            (inst.as_str(), c, key),
+            ("a/b/c", Compressor::Identity, sha_key(0))
+        );
 
-        let r = parse_read(&format!("main/compressed-blobs/zstd/{SHA}/7")).unwrap();
-        assert_eq!(r.instance, "main");
-        assert_eq!(r.compressor, Compressor::Zstd);
-        assert_eq!(r.key, sha_key(7));
+        let (inst, c, key) = read_ok(&format!("main/compressed-blobs/zstd/{SHA}/7"));
+        assert_eq!((inst.as_str(), c, key), ("main", Compressor::Zstd, sha_key(7)));
 
         // Explicit function: BLAKE3 has the same length as SHA-256.
-        let r = parse_read(&format!("x/blobs/blake3/{SHA}/3")).unwrap();
-        assert_eq!(r.key.function(), DigestFunction::Blake3);
-        let r = parse_read(&format!("compressed-blobs/zstd/sha256/{SHA}/3")).unwrap();
-        assert_eq!(r.key, sha_key(3));
+        let (_, _, key) = read_ok(&format!("x/blobs/blake3/{SHA}/3"));
+        assert_eq!(key.function(), DigestFunction::Blake3);
+        let (_, c, key) = read_ok(&format!("compressed-blobs/zstd/sha256/{SHA}/3"));
+        assert_eq!((c, key), (Compressor::Zstd, sha_key(3)));
 
         // Inference from length.
         let md5 = "d41d8cd98f00b204e9800998ecf8427e";
-        let r = parse_read(&format!("blobs/{md5}/0")).unwrap();
-        assert_eq!(r.key.function(), DigestFunction::Md5);
+        let (_, _, key) = read_ok(&format!("blobs/{md5}/0"));
+        assert_eq!(key.function(), DigestFunction::Md5);
         let sha1 = "da39a3ee5e6b4b0d3255bfef95601890afd80709";
-        let r = parse_read(&format!("blobs/gitsha1/{sha1}/0")).unwrap();
-        assert_eq!(r.key.function(), DigestFunction::GitSha1);
-        let r = parse_read(&format!("blobs/{sha1}/0")).unwrap();
-        assert_eq!(r.key.function(), DigestFunction::Sha1);
+        let (_, _, key) = read_ok(&format!("blobs/gitsha1/{sha1}/0"));
+        assert_eq!(key.function(), DigestFunction::GitSha1);
+        let (_, _, key) = read_ok(&format!("blobs/{sha1}/0"));
+        assert_eq!(key.function(), DigestFunction::Sha1);
     }
 
     #[test]
     fn write_names() {
-        let w = parse_write(&format!("uploads/u-1/blobs/{SHA}/12")).unwrap();
-        assert_eq!(w.instance, "");
-        assert_eq!(w.uuid, "u-1");
-        assert_eq!(w.compressor, Compressor::Identity);
-        assert_eq!(w.key, sha_key(12));
+        let (inst, uuid, c, key) = write_ok(&format!("uploads/u-1/blobs/{SHA}/12"));
+        assert_eq!(
+            (inst.as_str(), uuid.as_str(), c, key),
+            ("", "u-1", Compressor::Identity, sha_key(12))
+        );
 
-        let w = parse_write(&format!("in/st/uploads/u/compressed-blobs/zstd/{SHA}/5/meta/data")).unwrap();
-        assert_eq!(w.instance, "in/st");
-        assert_eq!(w.compressor, Compressor::Zstd);
-        assert_eq!(w.key, sha_key(5));
+        let (inst, _, c, key) = write_ok(&format!(
+            "in/st/uploads/u/compressed-blobs/zstd/{SHA}/5/meta/data"
+        ));
+        assert_eq!((inst.as_str(), c, key), ("in/st", Compressor::Zstd, sha_key(5)));
 
-        let w = parse_write(&format!("uploads/u/blobs/blake3/{SHA}/5/extra")).unwrap();
-        assert_eq!(w.key.function(), DigestFunction::Blake3);
+        let (_, _, _, key) = write_ok(&format!("uploads/u/blobs/blake3/{SHA}/5/extra"));
+        assert_eq!(key.function(), DigestFunction::Blake3);
     }
 
     #[test]
