@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use kiln_proto::reapi::{ActionResult, Digest, GetActionResultRequest, OutputFile, UpdateActionResultRequest};
+use kiln_proto::reapi::{
+    ActionResult, Digest, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
+};
 
 use crate::Ctx;
 use crate::client::{self, FUNCTION};
@@ -105,7 +107,11 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
                 digest_function: FUNCTION.to_proto() as i32,
             };
             async move {
-                let r = ac.get_action_result(req).await.ctx("GetActionResult")?.into_inner();
+                let r = ac
+                    .get_action_result(req)
+                    .await
+                    .ctx("GetActionResult")?
+                    .into_inner();
                 if r.output_files.len() != OUTPUTS_PER_RESULT {
                     return Err(BenchError::new(format!(
                         "GetActionResult returned {} output files, stored {OUTPUTS_PER_RESULT}",
@@ -121,9 +127,14 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
 
     let mut rep = ScenarioReport::new(NAME);
     rep.row(
-        Row::new(NAME, "GetActionResult hits", "results/s", Some(out.items_per_sec()))
-            .reference(REF_RATE_NODELAY)
-            .target(Target::times_ref(REF_RATE_NODELAY, 1.5)),
+        Row::new(
+            NAME,
+            "GetActionResult hits",
+            "results/s",
+            Some(out.items_per_sec()),
+        )
+        .reference(REF_RATE_NODELAY)
+        .target(Target::times_ref(REF_RATE_NODELAY, 1.5)),
     );
     let us = |p: f64| out.latency.percentile(p).map(|d| d.as_secs_f64() * 1e6);
     rep.row(Row::new(NAME, "latency p50", "µs", us(50.0)));

@@ -54,7 +54,11 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
             };
             let asked = req.digests.len();
             async move {
-                let r = cas.batch_read_blobs(req).await.ctx("BatchReadBlobs")?.into_inner();
+                let r = cas
+                    .batch_read_blobs(req)
+                    .await
+                    .ctx("BatchReadBlobs")?
+                    .into_inner();
                 if r.responses.len() != asked {
                     return Err(BenchError::new(format!(
                         "BatchReadBlobs: asked {asked} blobs, got {} responses",

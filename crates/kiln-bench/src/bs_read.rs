@@ -73,24 +73,44 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
     let label = format!("{} MiB blobs, concurrency {conc}", a.bs_blob_size >> 20);
     let mut rep = ScenarioReport::new(NAME);
     rep.row(
-        Row::new(NAME, &format!("{label}, unverified"), "GB/s", Some(plain.gb_per_sec()))
-            .reference(REF_UNVERIFIED_GBPS)
-            .target(Target::times_ref(REF_UNVERIFIED_GBPS, 1.5)),
+        Row::new(
+            NAME,
+            &format!("{label}, unverified"),
+            "GB/s",
+            Some(plain.gb_per_sec()),
+        )
+        .reference(REF_UNVERIFIED_GBPS)
+        .target(Target::times_ref(REF_UNVERIFIED_GBPS, 1.5)),
     );
     rep.row(
-        Row::new(NAME, &format!("{label}, client verifies SHA-256"), "GB/s", Some(verified.gb_per_sec()))
-            .reference(REF_VERIFIED_GBPS)
-            .target(Target::times_ref(REF_VERIFIED_GBPS, 1.5)),
+        Row::new(
+            NAME,
+            &format!("{label}, client verifies SHA-256"),
+            "GB/s",
+            Some(verified.gb_per_sec()),
+        )
+        .reference(REF_VERIFIED_GBPS)
+        .target(Target::times_ref(REF_VERIFIED_GBPS, 1.5)),
     );
     rep.row(
-        Row::new(NAME, "server CPU (unverified pass)", "s/GB", plain.server_s_per_gb())
-            .reference(REF_CPU)
-            .target(Target::fraction_of_ref(REF_CPU, 0.5)),
+        Row::new(
+            NAME,
+            "server CPU (unverified pass)",
+            "s/GB",
+            plain.server_s_per_gb(),
+        )
+        .reference(REF_CPU)
+        .target(Target::fraction_of_ref(REF_CPU, 0.5)),
     );
     rep.row(
-        Row::new(NAME, "server CPU (verified pass)", "s/GB", verified.server_s_per_gb())
-            .reference(REF_CPU)
-            .target(Target::fraction_of_ref(REF_CPU, 0.5)),
+        Row::new(
+            NAME,
+            "server CPU (verified pass)",
+            "s/GB",
+            verified.server_s_per_gb(),
+        )
+        .reference(REF_CPU)
+        .target(Target::fraction_of_ref(REF_CPU, 0.5)),
     );
     rep.note(format!("unverified: {}", plain.summary()));
     rep.note(format!("verified: {}", verified.summary()));

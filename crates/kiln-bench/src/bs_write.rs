@@ -94,16 +94,31 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
         ctx.seed_for("bs-write-many"),
     );
     let many = write_all(ctx, uploads, a.bs_concurrency.max(1)).await?;
-    let label = format!("{} x {} MiB, concurrency {}", a.bs_blobs, a.bs_blob_size >> 20, a.bs_concurrency);
-    rep.row(
-        Row::new(NAME, &format!("{label}: throughput"), "GB/s", Some(many.gb_per_sec()))
-            .reference(REF_MANY_GBPS)
-            .target(Target::times_ref(REF_MANY_GBPS, 1.5)),
+    let label = format!(
+        "{} x {} MiB, concurrency {}",
+        a.bs_blobs,
+        a.bs_blob_size >> 20,
+        a.bs_concurrency
     );
     rep.row(
-        Row::new(NAME, &format!("{label}: server CPU"), "s/GB", many.server_s_per_gb())
-            .reference(REF_MANY_CPU)
-            .target(Target::fraction_of_ref(REF_MANY_CPU, 0.5)),
+        Row::new(
+            NAME,
+            &format!("{label}: throughput"),
+            "GB/s",
+            Some(many.gb_per_sec()),
+        )
+        .reference(REF_MANY_GBPS)
+        .target(Target::times_ref(REF_MANY_GBPS, 1.5)),
+    );
+    rep.row(
+        Row::new(
+            NAME,
+            &format!("{label}: server CPU"),
+            "s/GB",
+            many.server_s_per_gb(),
+        )
+        .reference(REF_MANY_CPU)
+        .target(Target::fraction_of_ref(REF_MANY_CPU, 0.5)),
     );
     rep.note(format!("{label}, {} KiB chunks: {}", chunk >> 10, many.summary()));
 
@@ -118,13 +133,23 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
         let single = write_all(ctx, one, 1).await?;
         let label = format!("1 x {} MiB stream", a.bs_single_size >> 20);
         rep.row(
-            Row::new(NAME, &format!("{label}: throughput"), "GB/s", Some(single.gb_per_sec()))
-                .reference(REF_ONE_GBPS_NODELAY)
-                .target(Target::AtLeast(TARGET_ONE_GBPS)),
+            Row::new(
+                NAME,
+                &format!("{label}: throughput"),
+                "GB/s",
+                Some(single.gb_per_sec()),
+            )
+            .reference(REF_ONE_GBPS_NODELAY)
+            .target(Target::AtLeast(TARGET_ONE_GBPS)),
         );
         rep.row(
-            Row::new(NAME, &format!("{label}: server CPU"), "s/GB", single.server_s_per_gb())
-                .target(Target::AtMost(TARGET_ONE_CPU)),
+            Row::new(
+                NAME,
+                &format!("{label}: server CPU"),
+                "s/GB",
+                single.server_s_per_gb(),
+            )
+            .target(Target::AtMost(TARGET_ONE_CPU)),
         );
         rep.note(format!(
             "{label}: {}; reference {REF_ONE_GBPS_NODELAY} GB/s with TCP_NODELAY ({REF_ONE_GBPS} without)",

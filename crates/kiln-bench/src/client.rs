@@ -184,7 +184,11 @@ pub fn random_blobs(count: usize, size: usize, seed: u64) -> Vec<Blob> {
             .map(|t| {
                 let start = t * per;
                 let end = ((t + 1) * per).min(count);
-                s.spawn(move || (start..end).map(|i| random_blob(size, seed, i as u64)).collect::<Vec<_>>())
+                s.spawn(move || {
+                    (start..end)
+                        .map(|i| random_blob(size, seed, i as u64))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         for h in handles {
@@ -260,7 +264,10 @@ pub fn pack_batches(instance: &str, blobs: Vec<Blob>, per_call: usize) -> Vec<Ba
     out
 }
 
-fn batch_request(instance: &str, requests: Vec<batch_update_blobs_request::Request>) -> BatchUpdateBlobsRequest {
+fn batch_request(
+    instance: &str,
+    requests: Vec<batch_update_blobs_request::Request>,
+) -> BatchUpdateBlobsRequest {
     BatchUpdateBlobsRequest {
         instance_name: instance.to_string(),
         requests,
@@ -275,7 +282,11 @@ pub async fn batch_update(
     req: BatchUpdateBlobsRequest,
 ) -> Result<u64> {
     let sent = req.requests.len();
-    let resp = cas.batch_update_blobs(req).await.ctx("BatchUpdateBlobs")?.into_inner();
+    let resp = cas
+        .batch_update_blobs(req)
+        .await
+        .ctx("BatchUpdateBlobs")?
+        .into_inner();
     if resp.responses.len() != sent {
         return Err(BenchError::new(format!(
             "BatchUpdateBlobs: sent {sent} blobs, got {} responses",
@@ -458,7 +469,9 @@ pub async fn bytestream_read(
         h.verify(&key, n)
             .map_err(|e| BenchError::new(format!("ByteStream.Read returned wrong content: {e}")))?;
     } else if n != size {
-        return Err(BenchError::new(format!("ByteStream.Read returned {n} bytes of {size}")));
+        return Err(BenchError::new(format!(
+            "ByteStream.Read returned {n} bytes of {size}"
+        )));
     }
     Ok(n)
 }
@@ -506,7 +519,10 @@ mod tests {
         assert_eq!(random_blob(64, 1, 5).digest, blobs[5].digest);
         assert_ne!(random_blob(64, 2, 5).digest, blobs[5].digest);
         let packed = pack_batches("", blobs, 25);
-        assert_eq!(packed.iter().map(|r| r.requests.len()).collect::<Vec<_>>(), vec![25, 25, 25, 25, 1]);
+        assert_eq!(
+            packed.iter().map(|r| r.requests.len()).collect::<Vec<_>>(),
+            vec![25, 25, 25, 25, 1]
+        );
     }
 
     #[test]
@@ -516,7 +532,10 @@ mod tests {
         assert_eq!(reqs.len(), 4);
         assert_eq!(reqs[0].resource_name, "r");
         assert!(reqs[1..].iter().all(|r| r.resource_name.is_empty()));
-        assert_eq!(reqs.iter().map(|r| r.write_offset).collect::<Vec<_>>(), vec![0, 300, 600, 900]);
+        assert_eq!(
+            reqs.iter().map(|r| r.write_offset).collect::<Vec<_>>(),
+            vec![0, 300, 600, 900]
+        );
         assert!(reqs[3].finish_write && !reqs[2].finish_write);
         let joined: Vec<u8> = reqs.iter().flat_map(|r| r.data.clone()).collect();
         assert_eq!(joined, data);
@@ -546,6 +565,9 @@ mod tests {
         };
         assert_eq!(spec.read_resource(&d), format!("main/blobs/{}/7", d.hash));
         assert!(spec.upload_resource(&d).starts_with("main/uploads/"));
-        assert!(spec.upload_resource(&d).ends_with(&format!("/blobs/{}/7", d.hash)));
+        assert!(
+            spec.upload_resource(&d)
+                .ends_with(&format!("/blobs/{}/7", d.hash))
+        );
     }
 }

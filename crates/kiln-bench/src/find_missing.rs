@@ -81,7 +81,11 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
             let req = reqs[op as usize % reqs.len()].clone();
             let items = req.blob_digests.len() as u64;
             async move {
-                let r = cas.find_missing_blobs(req).await.ctx("FindMissingBlobs")?.into_inner();
+                let r = cas
+                    .find_missing_blobs(req)
+                    .await
+                    .ctx("FindMissingBlobs")?
+                    .into_inner();
                 if r.missing_blob_digests.len() != expect_missing {
                     return Err(BenchError::new(format!(
                         "FindMissingBlobs reported {} missing, expected {expect_missing}",

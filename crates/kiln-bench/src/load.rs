@@ -319,12 +319,7 @@ mod tests {
             max_ops: 1000,
         };
         let out = run(spec, &meters(), |_| {
-            |_n| async {
-                Ok(Some(Done {
-                    items: 3,
-                    bytes: 10,
-                }))
-            }
+            |_n| async { Ok(Some(Done { items: 3, bytes: 10 })) }
         })
         .await;
         assert_eq!(out.ops, 1000);
@@ -384,7 +379,10 @@ mod tests {
         assert_eq!(out.errors, MAX_CONSECUTIVE_ERRORS as u64);
         assert_eq!(out.first_error.as_deref(), Some("boom"));
         assert!(out.summary().contains("ERRORS"));
-        let failed = run(spec, &meters(), |_| |_n| async { Err::<Option<Done>, _>(BenchError::new("x")) }).await;
+        let failed = run(spec, &meters(), |_| {
+            |_n| async { Err::<Option<Done>, _>(BenchError::new("x")) }
+        })
+        .await;
         assert!(failed.require_success("t").is_err());
     }
 }

@@ -219,8 +219,9 @@ impl Ctx {
 
     /// Derives a seed for one use, so scenarios never share blobs.
     pub fn seed_for(&self, salt: &str) -> u64 {
-        salt.bytes()
-            .fold(self.seed, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
+        salt.bytes().fold(self.seed, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+        })
     }
 }
 
@@ -302,12 +303,13 @@ async fn run_all(ctx: Ctx, command_line: String) -> Result<()> {
         format!("endpoint {}", ctx.conn.url),
         format!(
             "client: {} tokio threads, {} workers per TCP connection, TCP_NODELAY on, h2 windows {}/{} bytes",
-            ctx.args.client_threads,
-            ctx.conn.workers_per_conn,
-            ctx.conn.stream_window,
-            ctx.conn.conn_window
+            ctx.args.client_threads, ctx.conn.workers_per_conn, ctx.conn.stream_window, ctx.conn.conn_window
         ),
-        format!("{} CPUs, CLK_TCK {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), procstat::clock_ticks_per_sec()),
+        format!(
+            "{} CPUs, CLK_TCK {}",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            procstat::clock_ticks_per_sec()
+        ),
     ];
     if let (Some(a), Some(b)) = (rss0, rss1) {
         env.push(format!(
@@ -416,7 +418,10 @@ mod tests {
         .unwrap();
         assert_eq!(a.server_pid, Some(42));
         assert_eq!(a.duration, Duration::from_secs(2));
-        assert_eq!(a.scenarios, vec![Scenario::AcHit, Scenario::BsRead, Scenario::Memory]);
+        assert_eq!(
+            a.scenarios,
+            vec![Scenario::AcHit, Scenario::BsRead, Scenario::Memory]
+        );
         assert!(a.markdown);
         let d = Args::try_parse_from(["kiln-bench"]).unwrap();
         assert_eq!(d.scenarios, vec![Scenario::All]);

@@ -149,7 +149,13 @@ mod tests {
         let line = "4242 (kiln (x) y) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
                     777 333 0 0 20 0 9 0 12345 1000000 2000 18446744073709551615";
         let t = parse_stat(line).unwrap();
-        assert_eq!(t, CpuTicks { user: 777, system: 333 });
+        assert_eq!(
+            t,
+            CpuTicks {
+                user: 777,
+                system: 333
+            }
+        );
         assert_eq!(t.total(), 1110);
     }
 

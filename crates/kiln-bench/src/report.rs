@@ -117,11 +117,22 @@ impl ScenarioReport {
     }
 }
 
-const HEADERS: [&str; 7] = ["scenario", "metric", "measured", REFERENCE, "ratio", "Kiln target", "met"];
+const HEADERS: [&str; 7] = [
+    "scenario",
+    "metric",
+    "measured",
+    REFERENCE,
+    "ratio",
+    "Kiln target",
+    "met",
+];
 
 /// Renders all rows as one table followed by the notes.
 pub fn render(reports: &[ScenarioReport], markdown: bool) -> String {
-    let rows: Vec<Vec<String>> = reports.iter().flat_map(|r| r.rows.iter().map(Row::cells)).collect();
+    let rows: Vec<Vec<String>> = reports
+        .iter()
+        .flat_map(|r| r.rows.iter().map(Row::cells))
+        .collect();
     let mut out = String::new();
     if markdown {
         out.push_str(&format!("| {} |\n", HEADERS.join(" | ")));
@@ -174,7 +185,7 @@ pub fn fmt_num(v: f64) -> String {
         let digits = n.unsigned_abs().to_string();
         let mut s = String::new();
         for (i, ch) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
                 s.push(',');
             }
             s.push(ch);
@@ -246,7 +257,9 @@ mod tests {
         r.row(Row::new("ac-hit", "p50", "µs", None));
         r.note("32 workers");
         let md = render(std::slice::from_ref(&r), true);
-        assert!(md.contains("| ac-hit | throughput | 50,000 results/s | 28,200 results/s | 1.77x | >= 42,300 | yes |"));
+        assert!(md.contains(
+            "| ac-hit | throughput | 50,000 results/s | 28,200 results/s | 1.77x | >= 42,300 | yes |"
+        ));
         assert!(md.contains("| ac-hit | p50 | n/a |"));
         assert!(md.contains("- ac-hit: 32 workers"));
         let txt = render(&[r], false);
@@ -256,10 +269,16 @@ mod tests {
 
     #[test]
     fn quoting() {
-        let args: Vec<String> = ["kiln-bench", "--server-cmd", "kiln serve --x 'y'", "--duration", "5s"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "kiln-bench",
+            "--server-cmd",
+            "kiln serve --x 'y'",
+            "--duration",
+            "5s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(
             shell_line(&args),
             r"kiln-bench --server-cmd 'kiln serve --x '\''y'\''' --duration 5s"

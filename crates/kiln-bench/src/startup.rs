@@ -56,7 +56,9 @@ impl Server {
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(2000);
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
         text[start..].trim().to_string()
     }
 
@@ -146,10 +148,16 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
 
     if a.populate > 0 {
         let mut server = Server::spawn(&cmd, log.clone())?;
-        server.wait_ready(&ctx.conn, Instant::now(), a.startup_timeout).await?;
+        server
+            .wait_ready(&ctx.conn, Instant::now(), a.startup_timeout)
+            .await?;
         let pool = ctx.conn.channels(4).await?;
         let caps = client::capabilities(&pool, &ctx.conn.instance).await?;
-        let per_call = client::blobs_per_batch(client::max_batch_bytes(&caps), a.populate_blob_size, a.populate_batch);
+        let per_call = client::blobs_per_batch(
+            client::max_batch_bytes(&caps),
+            a.populate_blob_size,
+            a.populate_batch,
+        );
         let t0 = Instant::now();
         let (stored, _) = client::upload_generated(
             &pool,
@@ -195,12 +203,20 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
         "spawn to first answer".to_string()
     };
     rep.row(
-        Row::new(NAME, &format!("{label} (median of {})", times.len()), "ms", median_ms(times.clone()))
-            .reference(REF_MS)
-            .target(Target::AtMost(TARGET_MS)),
+        Row::new(
+            NAME,
+            &format!("{label} (median of {})", times.len()),
+            "ms",
+            median_ms(times.clone()),
+        )
+        .reference(REF_MS)
+        .target(Target::AtMost(TARGET_MS)),
     );
     let runs: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
-    let rss: Vec<String> = rss.iter().map(|r| format!("{:.1}", *r as f64 / 1048576.0)).collect();
+    let rss: Vec<String> = rss
+        .iter()
+        .map(|r| format!("{:.1}", *r as f64 / 1048576.0))
+        .collect();
     rep.note(format!(
         "command {cmd:?}; runs (ms): {}; RSS at first answer (MiB): {}; reference {REF_MS} ms is a memory store",
         runs.join(", "),

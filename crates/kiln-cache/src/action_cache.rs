@@ -145,7 +145,8 @@ fn ac_payload(blob: Blob) -> Result<Bytes, String> {
     match blob.encoding {
         Encoding::Identity => Ok(blob.data),
         Encoding::Zstd => {
-            let decoder = zstd::stream::read::Decoder::new(&blob.data[..]).map_err(|e| format!("zstd: {e}"))?;
+            let decoder =
+                zstd::stream::read::Decoder::new(&blob.data[..]).map_err(|e| format!("zstd: {e}"))?;
             let mut out = Vec::new();
             decoder
                 .take(MAX_AC_PAYLOAD + 1)
@@ -160,7 +161,10 @@ fn ac_payload(blob: Blob) -> Result<Bytes, String> {
 }
 
 /// Parses an optional digest; `None` when absent, `Err` when malformed.
-fn opt_key(function: DigestFunction, digest: Option<&Digest>) -> Result<Option<BlobKey>, kiln_digest::DigestError> {
+fn opt_key(
+    function: DigestFunction,
+    digest: Option<&Digest>,
+) -> Result<Option<BlobKey>, kiln_digest::DigestError> {
     digest.map(|d| BlobKey::from_digest(function, d)).transpose()
 }
 
@@ -245,10 +249,18 @@ impl ActionCacheService {
             plan.push((target, key));
         };
         if req.inline_stdout {
-            consider(InlineTarget::Stdout, result.stdout_digest.as_ref(), &result.stdout_raw);
+            consider(
+                InlineTarget::Stdout,
+                result.stdout_digest.as_ref(),
+                &result.stdout_raw,
+            );
         }
         if req.inline_stderr {
-            consider(InlineTarget::Stderr, result.stderr_digest.as_ref(), &result.stderr_raw);
+            consider(
+                InlineTarget::Stderr,
+                result.stderr_digest.as_ref(),
+                &result.stderr_raw,
+            );
         }
         if !req.inline_output_files.is_empty() {
             let wanted: HashSet<&str> = req.inline_output_files.iter().map(String::as_str).collect();
@@ -262,7 +274,12 @@ impl ActionCacheService {
     }
 
     /// Whether every blob `result` references is in the instance's CAS.
-    async fn is_complete(&self, instance: &Instance, function: DigestFunction, result: &ActionResult) -> CacheResult<bool> {
+    async fn is_complete(
+        &self,
+        instance: &Instance,
+        function: DigestFunction,
+        result: &ActionResult,
+    ) -> CacheResult<bool> {
         let mut keys: Vec<BlobKey> = Vec::new();
         let mut roots: Vec<(ExpansionKind, BlobKey)> = Vec::new();
         let direct = result
@@ -303,22 +320,24 @@ impl ActionCacheService {
         }
 
         let cas = instance.cas.clone();
-        let expansions: Vec<CacheResult<Option<Arc<[BlobKey]>>>> = futures::stream::iter(roots.iter().cloned())
+        let mut expansions = futures::stream::iter(roots)
             .map(|(kind, root)| {
                 let cas = cas.clone();
-                async move { self.expand(cas.as_ref(), function, kind, root).await }
+                async move {
+                    let r = self.expand(cas.as_ref(), function, kind, root.clone()).await;
+                    (root, r)
+                }
             })
-            .buffer_unordered(TREE_CONCURRENCY)
-            .collect()
-            .await;
-        for ((_, root), e) in roots.into_iter().zip(expansions) {
-            let Some(expansion) = e? else {
+            .buffer_unordered(TREE_CONCURRENCY);
+        while let Some((root, expansion)) = expansions.next().await {
+            let Some(expansion) = expansion? else {
                 return Ok(false);
             };
             // The root itself (a cache hit did not read it) and what it holds.
             keys.push(root);
             keys.extend(expansion.iter().cloned());
         }
+        drop(expansions);
 
         keys.retain(|k| !k.is_empty_blob());
         keys.sort_unstable();
@@ -375,14 +394,29 @@ impl ActionCacheService {
             .ok_or_else(|| CacheError::InvalidArgument("action_result is missing".into()))?;
 
         let mut uploads: Vec<(BlobKey, Bytes)> = Vec::new();
-        take_inline(function, &mut result.stdout_digest, &mut result.stdout_raw, "stdout", &mut uploads)?;
-        take_inline(function, &mut result.stderr_digest, &mut result.stderr_raw, "stderr", &mut uploads)?;
+        take_inline(
+            function,
+            &mut result.stdout_digest,
+            &mut result.stdout_raw,
+            "stdout",
+            &mut uploads,
+        )?;
+        take_inline(
+            function,
+            &mut result.stderr_digest,
+            &mut result.stderr_raw,
+            "stderr",
+            &mut uploads,
+        )?;
         for (i, f) in result.output_files.iter_mut().enumerate() {
             let field = format!("output_files[{i}]");
             check_path(&f.path, &field, false)?;
             take_inline(function, &mut f.digest, &mut f.contents, &field, &mut uploads)?;
             if f.digest.is_none() {
-                return Err(CacheError::InvalidArgument(format!("{field} ({:?}) has no digest", f.path)));
+                return Err(CacheError::InvalidArgument(format!(
+                    "{field} ({:?}) has no digest",
+                    f.path
+                )));
             }
         }
         for (i, d) in result.output_directories.iter().enumerate() {
@@ -402,12 +436,25 @@ impl ActionCacheService {
             .output_symlinks
             .iter()
             .map(|s| ("output_symlinks", s))
-            .chain(result.output_file_symlinks.iter().map(|s| ("output_file_symlinks", s)))
-            .chain(result.output_directory_symlinks.iter().map(|s| ("output_directory_symlinks", s)));
+            .chain(
+                result
+                    .output_file_symlinks
+                    .iter()
+                    .map(|s| ("output_file_symlinks", s)),
+            )
+            .chain(
+                result
+                    .output_directory_symlinks
+                    .iter()
+                    .map(|s| ("output_directory_symlinks", s)),
+            );
         for (field, s) in symlinks {
             check_path(&s.path, field, false)?;
             if s.target.is_empty() {
-                return Err(CacheError::InvalidArgument(format!("{field}: symlink {:?} has an empty target", s.path)));
+                return Err(CacheError::InvalidArgument(format!(
+                    "{field}: symlink {:?} has an empty target",
+                    s.path
+                )));
             }
         }
 
@@ -492,7 +539,8 @@ fn take_inline(
     field: &str,
     uploads: &mut Vec<(BlobKey, Bytes)>,
 ) -> CacheResult<()> {
-    let parsed = opt_key(function, digest.as_ref()).map_err(|e| CacheError::InvalidArgument(format!("{field}: {e}")))?;
+    let parsed = opt_key(function, digest.as_ref())
+        .map_err(|e| CacheError::InvalidArgument(format!("{field}: {e}")))?;
     if raw.is_empty() {
         return Ok(());
     }
@@ -549,7 +597,11 @@ fn file_keys(function: DigestFunction, dir: &Directory, out: &mut Vec<BlobKey>) 
 }
 
 /// The files of a Tree blob; `None` if it is missing or malformed.
-async fn expand_tree(cas: &dyn Store, function: DigestFunction, key: &BlobKey) -> CacheResult<Option<Vec<BlobKey>>> {
+async fn expand_tree(
+    cas: &dyn Store,
+    function: DigestFunction,
+    key: &BlobKey,
+) -> CacheResult<Option<Vec<BlobKey>>> {
     let Some(bytes) = codec::get_identity(cas, key)
         .await
         .map_err(CacheError::store(format!("reading output tree {key}")))?
@@ -624,7 +676,10 @@ async fn expand_directory(
 
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
-    async fn get_action_result(&self, request: Request<GetActionResultRequest>) -> Result<Response<ActionResult>, Status> {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
         Ok(Response::new(self.get(request.into_inner()).await?))
     }
 
@@ -651,7 +706,11 @@ mod tests {
         assert!(cache.get(ExpansionKind::Tree, &a).is_some());
         assert!(cache.get(ExpansionKind::Directory, &a).is_none());
         // Pushes the current generation over capacity: it becomes old.
-        cache.insert(ExpansionKind::Tree, b.clone(), vec![BlobKey::of(f, b"y"); 6].into());
+        cache.insert(
+            ExpansionKind::Tree,
+            b.clone(),
+            vec![BlobKey::of(f, b"y"); 6].into(),
+        );
         assert!(cache.get(ExpansionKind::Tree, &a).is_some(), "promoted from old");
         assert!(cache.get(ExpansionKind::Tree, &b).is_some());
     }

@@ -43,7 +43,11 @@ impl CapabilitiesService {
         let instance = self.instances.get(instance_name)?;
         let limits = self.instances.limits();
         let cache = CacheCapabilities {
-            digest_functions: instance.digest_functions.iter().map(|f| f.to_proto() as i32).collect(),
+            digest_functions: instance
+                .digest_functions
+                .iter()
+                .map(|f| f.to_proto() as i32)
+                .collect(),
             action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
                 update_enabled: !instance.ac_read_only,
             }),
@@ -87,6 +91,8 @@ impl Capabilities for CapabilitiesService {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
-        Ok(Response::new(self.capabilities(&request.get_ref().instance_name)?))
+        Ok(Response::new(
+            self.capabilities(&request.get_ref().instance_name)?,
+        ))
     }
 }

@@ -29,8 +29,9 @@ use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableSto
 use kiln_proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse, Digest,
     FindMissingBlobsRequest, FindMissingBlobsResponse, GetChunkMappingRequest, GetChunkMappingResponse,
-    GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest, RegisterChunkMappingResponse, SpliceBlobRequest,
-    SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse, batch_read_blobs_response, batch_update_blobs_response,
+    GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest, RegisterChunkMappingResponse,
+    SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse, batch_read_blobs_response,
+    batch_update_blobs_response,
 };
 use kiln_store::{Blob, Encoding, codec};
 use tonic::{Request, Response, Status};
@@ -58,17 +59,17 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 /// Resolves the digest function of a request whose digests all use the same
 /// function: explicit, or inferred from `first_hash`.
-pub(crate) fn request_function(instance: &Instance, proto_value: i32, first_hash: &str) -> CacheResult<DigestFunction> {
+pub(crate) fn request_function(
+    instance: &Instance,
+    proto_value: i32,
+    first_hash: &str,
+) -> CacheResult<DigestFunction> {
     instance.digest_function(proto_value, first_hash)
 }
 
 /// The sum of the (non-negative) sizes of `digests`, checked against the
 /// batch limit.
-fn check_batch_total(
-    limits: &CacheLimits,
-    sizes: impl Iterator<Item = i64>,
-    what: &str,
-) -> CacheResult<()> {
+fn check_batch_total(limits: &CacheLimits, sizes: impl Iterator<Item = i64>, what: &str) -> CacheResult<()> {
     let total: u64 = sizes.map(|s| s.max(0) as u64).fold(0u64, u64::saturating_add);
     let limit = limits.max_batch_total_size_bytes;
     if limit > 0 && total > limit {
@@ -93,7 +94,7 @@ where
     R: Send + 'static,
 {
     let total: u64 = items.iter().map(|(w, _)| *w).sum();
-    if total < INLINE_CPU_BYTES || items.len() <= 1 && total < 4 * INLINE_CPU_BYTES {
+    if total < INLINE_CPU_BYTES || (items.len() <= 1 && total < 4 * INLINE_CPU_BYTES) {
         return Ok(items.into_iter().map(|(_, t)| f(t)).collect());
     }
     let groups = (total.div_ceil(INLINE_CPU_BYTES) as usize).clamp(1, available_cores());
@@ -174,7 +175,8 @@ fn convert_read(item: ReadItem) -> CacheResult<(Compressor, Bytes)> {
             Ok((Compressor::Zstd, z))
         }
         (Encoding::Zstd, false) => {
-            let plain = codec::to_identity(&key, blob).map_err(CacheError::store(format!("reading {key}")))?;
+            let plain =
+                codec::to_identity(&key, blob).map_err(CacheError::store(format!("reading {key}")))?;
             Ok((Compressor::Identity, plain))
         }
     }
@@ -239,7 +241,9 @@ impl CasService {
         let limits = self.instances.limits();
         check_batch_total(
             limits,
-            req.requests.iter().map(|r| r.digest.as_ref().map_or(0, |d| d.size_bytes)),
+            req.requests
+                .iter()
+                .map(|r| r.digest.as_ref().map_or(0, |d| d.size_bytes)),
             "BatchUpdateBlobs request",
         )?;
 
@@ -271,7 +275,12 @@ impl CasService {
                 return HashSet::new();
             }
             match instance.cas.has_many(&keys).await {
-                Ok(present) => keys.iter().zip(present).filter(|(_, p)| *p).map(|(k, _)| k.clone()).collect(),
+                Ok(present) => keys
+                    .iter()
+                    .zip(present)
+                    .filter(|(_, p)| *p)
+                    .map(|(k, _)| k.clone())
+                    .collect(),
                 Err(e) => {
                     tracing::warn!(error = %e, "has_many failed before a batch upload; writing every blob");
                     HashSet::new()
@@ -378,9 +387,12 @@ impl CasService {
                     convert.push((weight, (i, ReadItem { key, blob, want_zstd })));
                 }
                 Ok(None) => {
-                    responses[i].status = Some(CacheError::NotFound(format!("blob {key} not found")).to_rpc_status())
+                    responses[i].status =
+                        Some(CacheError::NotFound(format!("blob {key} not found")).to_rpc_status())
                 }
-                Err(e) => responses[i].status = Some(CacheError::store(format!("reading {key}"))(e).to_rpc_status()),
+                Err(e) => {
+                    responses[i].status = Some(CacheError::store(format!("reading {key}"))(e).to_rpc_status())
+                }
             }
         }
         drop(fetched);
@@ -424,7 +436,9 @@ fn admit_upload(
             )));
         }
         Err(_) => {
-            return Err(CacheError::InvalidArgument(format!("unknown compressor value {compressor}")));
+            return Err(CacheError::InvalidArgument(format!(
+                "unknown compressor value {compressor}"
+            )));
         }
     };
     Ok((key, zstd))
@@ -455,12 +469,18 @@ impl ContentAddressableStorage for CasService {
 
     type GetTreeStream = BoxStream<GetTreeResponse>;
 
-    async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<Self::GetTreeStream>, Status> {
+    async fn get_tree(
+        &self,
+        request: Request<GetTreeRequest>,
+    ) -> Result<Response<Self::GetTreeStream>, Status> {
         let stream = crate::get_tree::get_tree(&self.instances, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 
-    async fn split_blob(&self, _request: Request<SplitBlobRequest>) -> Result<Response<SplitBlobResponse>, Status> {
+    async fn split_blob(
+        &self,
+        _request: Request<SplitBlobRequest>,
+    ) -> Result<Response<SplitBlobResponse>, Status> {
         Err(Status::unimplemented(
             "SplitBlob is not supported (split_blob_support is false)",
         ))
@@ -477,7 +497,10 @@ impl ContentAddressableStorage for CasService {
         ))
     }
 
-    async fn splice_blob(&self, _request: Request<SpliceBlobRequest>) -> Result<Response<SpliceBlobResponse>, Status> {
+    async fn splice_blob(
+        &self,
+        _request: Request<SpliceBlobRequest>,
+    ) -> Result<Response<SpliceBlobResponse>, Status> {
         Err(Status::unimplemented(
             "SpliceBlob is not supported (splice_blob_support is false)",
         ))

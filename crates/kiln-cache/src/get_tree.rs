@@ -163,7 +163,11 @@ impl Walk {
             };
             let Some(dir) = dir else { continue };
             for child in &dir.directories {
-                match child.digest.as_ref().map(|d| BlobKey::from_digest(self.function, d)) {
+                match child
+                    .digest
+                    .as_ref()
+                    .map(|d| BlobKey::from_digest(self.function, d))
+                {
                     Some(Ok(k)) => {
                         if self.seen.insert(k.clone()) {
                             self.queue.push_back(k);
@@ -255,7 +259,11 @@ pub(crate) fn encode_token<'a>(
 }
 
 /// Decodes a page token, checking it belongs to `root` under `function`.
-pub(crate) fn decode_token(token: &str, function: DigestFunction, root: &BlobKey) -> CacheResult<Vec<BlobKey>> {
+pub(crate) fn decode_token(
+    token: &str,
+    function: DigestFunction,
+    root: &BlobKey,
+) -> CacheResult<Vec<BlobKey>> {
     let bad = |why: &str| CacheError::InvalidArgument(format!("invalid page_token: {why}"));
     let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad("not base64url"))?;
     let mut buf = Bytes::from(raw);

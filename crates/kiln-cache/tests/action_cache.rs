@@ -14,8 +14,8 @@ use kiln_proto::reapi::action_cache_client::ActionCacheClient;
 use kiln_proto::reapi::batch_update_blobs_request::Request as UpdateReq;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::{
-    ActionResult, BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode, FileNode, GetActionResultRequest,
-    OutputDirectory, OutputFile, OutputSymlink, Tree, UpdateActionResultRequest,
+    ActionResult, BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode, FileNode,
+    GetActionResultRequest, OutputDirectory, OutputFile, OutputSymlink, Tree, UpdateActionResultRequest,
 };
 use kiln_store::memory::MemoryStore;
 use kiln_store::{Blob, BlobRead, BlobWriter, Encoding, Store, StoreError, StoreResult, StoreStats};
@@ -133,7 +133,11 @@ async fn cas_put(cas: &mut Cas, blobs: &[&[u8]]) {
         .await
         .unwrap()
         .into_inner();
-    assert!(resp.responses.iter().all(|r| r.status.as_ref().unwrap().code == 0));
+    assert!(
+        resp.responses
+            .iter()
+            .all(|r| r.status.as_ref().unwrap().code == 0)
+    );
 }
 
 fn get_req(instance: &str, action: Digest) -> GetActionResultRequest {
@@ -148,10 +152,17 @@ fn get_req(instance: &str, action: Digest) -> GetActionResultRequest {
 }
 
 async fn get(ac: &mut Ac, instance: &str, action: Digest) -> Result<ActionResult, tonic::Status> {
-    ac.get_action_result(get_req(instance, action)).await.map(|r| r.into_inner())
+    ac.get_action_result(get_req(instance, action))
+        .await
+        .map(|r| r.into_inner())
 }
 
-async fn update(ac: &mut Ac, instance: &str, action: Digest, result: ActionResult) -> Result<ActionResult, tonic::Status> {
+async fn update(
+    ac: &mut Ac,
+    instance: &str,
+    action: Digest,
+    result: ActionResult,
+) -> Result<ActionResult, tonic::Status> {
     ac.update_action_result(UpdateActionResultRequest {
         instance_name: instance.into(),
         action_digest: Some(action),
@@ -246,12 +257,16 @@ async fn update_then_get_returns_the_stored_result() {
         target: "/abs/target".into(),
         node_properties: None,
     }];
-    let stored = update(&mut ac, "main", action("a"), result.clone()).await.unwrap();
+    let stored = update(&mut ac, "main", action("a"), result.clone())
+        .await
+        .unwrap();
     assert_eq!(stored, result);
     assert_eq!(get(&mut ac, "main", action("a")).await.unwrap(), result);
     // Update replaces.
     result.exit_code = 0;
-    update(&mut ac, "main", action("a"), result.clone()).await.unwrap();
+    update(&mut ac, "main", action("a"), result.clone())
+        .await
+        .unwrap();
     assert_eq!(get(&mut ac, "main", action("a")).await.unwrap().exit_code, 0);
 }
 
@@ -277,7 +292,10 @@ async fn the_digest_function_is_part_of_the_key() {
     req.digest_function = blake_fn;
     assert_eq!(ac.get_action_result(req).await.unwrap().into_inner().exit_code, 7);
     // Same hex, inferred as SHA-256: a different entry.
-    assert_eq!(get(&mut ac, "main", blake).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "main", blake).await.unwrap_err().code(),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]
@@ -288,11 +306,18 @@ async fn read_only_instances_deny_updates_but_serve_reads() {
         exit_code: 1,
         ..Default::default()
     };
-    let err = update(&mut ac, "ro", action("ro"), result.clone()).await.unwrap_err();
+    let err = update(&mut ac, "ro", action("ro"), result.clone())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert_eq!(get(&mut ac, "ro", action("ro")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "ro", action("ro")).await.unwrap_err().code(),
+        Code::NotFound
+    );
     // "ro" shares its stores with "main" in the harness.
-    update(&mut ac, "main", action("ro"), result.clone()).await.unwrap();
+    update(&mut ac, "main", action("ro"), result.clone())
+        .await
+        .unwrap();
     assert_eq!(get(&mut ac, "ro", action("ro")).await.unwrap(), result);
 }
 
@@ -304,16 +329,31 @@ async fn malformed_requests_are_invalid_arguments() {
         hash: "not hex".into(),
         size_bytes: 5,
     };
-    assert_eq!(get(&mut ac, "main", bad.clone()).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        get(&mut ac, "main", bad.clone()).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     let mut req = get_req("main", action("x"));
     req.action_digest = None;
-    assert_eq!(ac.get_action_result(req).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(get(&mut ac, "nope", action("x")).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        ac.get_action_result(req).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        get(&mut ac, "nope", action("x")).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     let ok = ActionResult::default();
-    assert_eq!(update(&mut ac, "main", bad, ok.clone()).await.unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(
-        update(&mut ac, "nope", action("x"), ok.clone()).await.unwrap_err().code(),
+        update(&mut ac, "main", bad, ok.clone()).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        update(&mut ac, "nope", action("x"), ok.clone())
+            .await
+            .unwrap_err()
+            .code(),
         Code::InvalidArgument
     );
     let cases = [
@@ -366,7 +406,10 @@ async fn malformed_requests_are_invalid_arguments() {
         let err = update(&mut ac, "main", action("x"), r).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "case {i}: {}", err.message());
     }
-    assert_eq!(get(&mut ac, "main", action("x")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "main", action("x")).await.unwrap_err().code(),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]
@@ -430,9 +473,14 @@ async fn a_missing_output_file_makes_a_miss() {
         stderr_digest: Some(digest(b"err")),
         ..result_with(vec![out_file("a", b"aaa"), out_file("b", b"bbb")], vec![])
     };
-    update(&mut ac, "main", action("files"), result.clone()).await.unwrap();
+    update(&mut ac, "main", action("files"), result.clone())
+        .await
+        .unwrap();
     cas_put(&mut cas, &[b"aaa", b"err"]).await;
-    assert_eq!(get(&mut ac, "main", action("files")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "main", action("files")).await.unwrap_err().code(),
+        Code::NotFound
+    );
     cas_put(&mut cas, &[b"bbb"]).await;
     assert_eq!(get(&mut ac, "main", action("files")).await.unwrap(), result);
 }
@@ -446,8 +494,13 @@ async fn a_missing_stdout_makes_a_miss() {
         stdout_digest: Some(digest(b"out log")),
         ..Default::default()
     };
-    update(&mut ac, "main", action("stdout"), result.clone()).await.unwrap();
-    assert_eq!(get(&mut ac, "main", action("stdout")).await.unwrap_err().code(), Code::NotFound);
+    update(&mut ac, "main", action("stdout"), result.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&mut ac, "main", action("stdout")).await.unwrap_err().code(),
+        Code::NotFound
+    );
     cas_put(&mut cas, &[b"out log"]).await;
     assert_eq!(get(&mut ac, "main", action("stdout")).await.unwrap(), result);
 }
@@ -459,18 +512,28 @@ async fn a_missing_file_inside_an_output_tree_makes_a_miss() {
     let mut cas = ContentAddressableStorageClient::new(server.channel.clone());
     let (t, _) = tree(b"top file", b"nested file");
     let result = result_with(vec![], vec![out_dir_tree("out/dir", &t)]);
-    update(&mut ac, "main", action("tree"), result.clone()).await.unwrap();
+    update(&mut ac, "main", action("tree"), result.clone())
+        .await
+        .unwrap();
     // Tree blob missing.
     cas_put(&mut cas, &[b"top file", b"nested file"]).await;
-    assert_eq!(get(&mut ac, "main", action("tree")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "main", action("tree")).await.unwrap_err().code(),
+        Code::NotFound
+    );
 
     let (t2, _) = tree(b"top file", b"other nested file");
     let result2 = result_with(vec![], vec![out_dir_tree("out/dir", &t2)]);
-    update(&mut ac, "main", action("tree2"), result2.clone()).await.unwrap();
+    update(&mut ac, "main", action("tree2"), result2.clone())
+        .await
+        .unwrap();
     cas_put(&mut cas, &[&t.encode_to_vec(), &t2.encode_to_vec()]).await;
     assert_eq!(get(&mut ac, "main", action("tree")).await.unwrap(), result);
     // The nested file of t2 (in a child directory of the Tree) is missing.
-    assert_eq!(get(&mut ac, "main", action("tree2")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "main", action("tree2")).await.unwrap_err().code(),
+        Code::NotFound
+    );
     cas_put(&mut cas, &[b"other nested file"]).await;
     assert_eq!(get(&mut ac, "main", action("tree2")).await.unwrap(), result2);
 }
@@ -491,10 +554,15 @@ async fn a_root_directory_only_output_is_walked() {
             root_directory_digest: Some(digest(&root.encode_to_vec())),
         }],
     );
-    update(&mut ac, "main", action("rootdir"), result.clone()).await.unwrap();
+    update(&mut ac, "main", action("rootdir"), result.clone())
+        .await
+        .unwrap();
     cas_put(&mut cas, &[&root.encode_to_vec(), b"dir top", b"dir nested"]).await;
     // The child Directory is missing.
-    assert_eq!(get(&mut ac, "main", action("rootdir")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "main", action("rootdir")).await.unwrap_err().code(),
+        Code::NotFound
+    );
     cas_put(&mut cas, &[&child.encode_to_vec()]).await;
     assert_eq!(get(&mut ac, "main", action("rootdir")).await.unwrap(), result);
 }
@@ -516,7 +584,9 @@ async fn evicted_blobs_are_noticed_after_a_cached_hit() {
     let tree_bytes = t.encode_to_vec();
     cas_put(&mut cas, &[&tree_bytes, b"evictable top", b"evictable nested"]).await;
     let result = result_with(vec![], vec![out_dir_tree("d", &t)]);
-    update(&mut ac, "main", action("evict"), result.clone()).await.unwrap();
+    update(&mut ac, "main", action("evict"), result.clone())
+        .await
+        .unwrap();
     assert_eq!(get(&mut ac, "main", action("evict")).await.unwrap(), result);
 
     for gone in [key(b"evictable nested"), key(&tree_bytes)] {
@@ -542,11 +612,19 @@ async fn storage_faults_are_internal() {
         exit_code: 2,
         ..Default::default()
     };
-    update(&mut ac, "main", action("fault"), result.clone()).await.unwrap();
+    update(&mut ac, "main", action("fault"), result.clone())
+        .await
+        .unwrap();
     ac_store.fail.store(true, Ordering::SeqCst);
-    assert_eq!(get(&mut ac, "main", action("fault")).await.unwrap_err().code(), Code::Internal);
     assert_eq!(
-        update(&mut ac, "main", action("fault"), result.clone()).await.unwrap_err().code(),
+        get(&mut ac, "main", action("fault")).await.unwrap_err().code(),
+        Code::Internal
+    );
+    assert_eq!(
+        update(&mut ac, "main", action("fault"), result.clone())
+            .await
+            .unwrap_err()
+            .code(),
         Code::Internal
     );
     ac_store.fail.store(false, Ordering::SeqCst);
@@ -564,7 +642,10 @@ async fn an_undecodable_entry_is_a_miss() {
         .put(&k, Blob::identity(Bytes::from_static(&[0xff, 0xff, 0xff])))
         .await
         .unwrap();
-    assert_eq!(get(&mut ac, "main", k.to_digest()).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "main", k.to_digest()).await.unwrap_err().code(),
+        Code::NotFound
+    );
 
     // A zstd-encoded entry (e.g. from a compressing store) decodes.
     let good = ActionResult {
@@ -597,7 +678,12 @@ async fn completeness_checking_can_be_disabled() {
     let server = common::start(Instances::new([lax, strict], CacheLimits::default())).await;
     let mut ac = ActionCacheClient::new(server.channel.clone());
     let result = result_with(vec![out_file("missing", b"not in the cas")], vec![]);
-    update(&mut ac, "lax", action("lax"), result.clone()).await.unwrap();
+    update(&mut ac, "lax", action("lax"), result.clone())
+        .await
+        .unwrap();
     assert_eq!(get(&mut ac, "lax", action("lax")).await.unwrap(), result);
-    assert_eq!(get(&mut ac, "strict", action("lax")).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        get(&mut ac, "strict", action("lax")).await.unwrap_err().code(),
+        Code::NotFound
+    );
 }

@@ -31,14 +31,26 @@ async fn advertises_the_cache_honestly() {
         let cache = c.cache_capabilities.unwrap();
         let all: Vec<i32> = DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect();
         assert_eq!(cache.digest_functions, all);
-        assert_eq!(cache.digest_functions[0], DigestFunction::Sha256.to_proto() as i32);
+        assert_eq!(
+            cache.digest_functions[0],
+            DigestFunction::Sha256.to_proto() as i32
+        );
         assert!(cache.action_cache_update_capabilities.unwrap().update_enabled);
         let defaults = CacheLimits::default();
-        assert_eq!(cache.max_batch_total_size_bytes, defaults.max_batch_total_size_bytes as i64);
+        assert_eq!(
+            cache.max_batch_total_size_bytes,
+            defaults.max_batch_total_size_bytes as i64
+        );
         assert_eq!(cache.max_cas_blob_size_bytes, 0, "unlimited");
         assert_eq!(cache.supported_compressors, vec![Compressor::Zstd as i32]);
-        assert_eq!(cache.supported_batch_update_compressors, vec![Compressor::Zstd as i32]);
-        assert_eq!(cache.symlink_absolute_path_strategy, SymlinkStrategy::Allowed as i32);
+        assert_eq!(
+            cache.supported_batch_update_compressors,
+            vec![Compressor::Zstd as i32]
+        );
+        assert_eq!(
+            cache.symlink_absolute_path_strategy,
+            SymlinkStrategy::Allowed as i32
+        );
         assert!(!cache.split_blob_support && !cache.splice_blob_support);
         assert!(c.execution_capabilities.is_none(), "no remote execution");
         let v = |s: Option<kiln_proto::semver::SemVer>| s.map(|s| (s.major, s.minor, s.patch));
@@ -58,7 +70,10 @@ async fn read_only_instances_disable_updates() {
 #[tokio::test]
 async fn unknown_instances_are_invalid_arguments() {
     let server = common::start_memory().await;
-    assert_eq!(caps(&server, "nope").await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        caps(&server, "nope").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 }
 
 #[tokio::test]
@@ -75,7 +90,10 @@ async fn limits_and_digest_functions_come_from_the_configuration() {
     let cache = caps(&server, "x").await.unwrap().cache_capabilities.unwrap();
     assert_eq!(
         cache.digest_functions,
-        vec![DigestFunction::Sha256.to_proto() as i32, DigestFunction::Blake3.to_proto() as i32]
+        vec![
+            DigestFunction::Sha256.to_proto() as i32,
+            DigestFunction::Blake3.to_proto() as i32
+        ]
     );
     assert_eq!(cache.max_batch_total_size_bytes, 1234);
     assert_eq!(cache.max_cas_blob_size_bytes, 5678);

@@ -64,7 +64,9 @@ async fn missing(
 
 /// A compressible blob of `n` bytes seeded by `seed`.
 fn blob(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| ((i / 64) as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| ((i / 64) as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[tokio::test]
@@ -73,10 +75,19 @@ async fn find_missing_reports_present_missing_and_empty() {
     let mut cas = client(&server);
     put_blobs(&mut cas, "main", &[b"present"]).await;
     let empty = digest(b"");
-    let got = missing(&mut cas, "main", 0, vec![digest(b"present"), digest(b"absent"), empty])
-        .await
-        .unwrap();
-    assert_eq!(got, vec![digest(b"absent")], "only the absent blob; the empty blob always exists");
+    let got = missing(
+        &mut cas,
+        "main",
+        0,
+        vec![digest(b"present"), digest(b"absent"), empty],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        got,
+        vec![digest(b"absent")],
+        "only the absent blob; the empty blob always exists"
+    );
     // Instances "" and "main" share stores in the harness.
     let got = missing(&mut cas, "", 0, vec![digest(b"present")]).await.unwrap();
     assert!(got.is_empty());
@@ -92,7 +103,9 @@ async fn find_missing_rejects_bad_digests_and_unknown_instances() {
         hash: "xyz".repeat(20),
         size_bytes: 3,
     };
-    let err = missing(&mut cas, "main", 0, vec![digest(b"a"), bad_hash]).await.unwrap_err();
+    let err = missing(&mut cas, "main", 0, vec![digest(b"a"), bad_hash])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let negative = Digest {
         hash: digest(b"a").hash,
@@ -107,7 +120,9 @@ async fn find_missing_rejects_bad_digests_and_unknown_instances() {
     };
     let err = missing(&mut cas, "main", 0, vec![upper]).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = missing(&mut cas, "nope", 0, vec![digest(b"a")]).await.unwrap_err();
+    let err = missing(&mut cas, "nope", 0, vec![digest(b"a")])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("nope"), "{}", err.message());
 }
@@ -139,12 +154,28 @@ async fn blake3_and_sha256_with_the_same_hex_are_distinct() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(resp.responses[0].status.as_ref().unwrap().code, Code::InvalidArgument as i32);
+    assert_eq!(
+        resp.responses[0].status.as_ref().unwrap().code,
+        Code::InvalidArgument as i32
+    );
 
-    assert!(missing(&mut cas, "main", blake_fn, vec![blake.clone()]).await.unwrap().is_empty());
+    assert!(
+        missing(&mut cas, "main", blake_fn, vec![blake.clone()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let sha_fn = SHA256.to_proto() as i32;
-    assert_eq!(missing(&mut cas, "main", sha_fn, vec![blake.clone()]).await.unwrap(), vec![blake.clone()]);
-    assert_eq!(missing(&mut cas, "main", 0, vec![blake.clone()]).await.unwrap(), vec![blake]);
+    assert_eq!(
+        missing(&mut cas, "main", sha_fn, vec![blake.clone()])
+            .await
+            .unwrap(),
+        vec![blake.clone()]
+    );
+    assert_eq!(
+        missing(&mut cas, "main", 0, vec![blake.clone()]).await.unwrap(),
+        vec![blake]
+    );
 }
 
 #[tokio::test]
@@ -180,19 +211,36 @@ async fn batch_update_gives_each_blob_its_own_status() {
         .await
         .unwrap()
         .into_inner();
-    let codes: Vec<i32> = resp.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
+    let codes: Vec<i32> = resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
     let inv = Code::InvalidArgument as i32;
     assert_eq!(codes, vec![0, inv, inv, inv, 0, 0]);
-    assert_eq!(resp.responses[1].digest.as_ref(), Some(&wrong_hash), "responses echo digests");
+    assert_eq!(
+        resp.responses[1].digest.as_ref(),
+        Some(&wrong_hash),
+        "responses echo digests"
+    );
     let got = missing(
         &mut cas,
         "main",
         0,
-        vec![digest(good), wrong_hash.clone(), wrong_size.clone(), digest(b"bad blob!")],
+        vec![
+            digest(good),
+            wrong_hash.clone(),
+            wrong_size.clone(),
+            digest(b"bad blob!"),
+        ],
     )
     .await
     .unwrap();
-    assert_eq!(got, vec![wrong_hash, wrong_size, digest(b"bad blob!")], "bad blobs are not stored");
+    assert_eq!(
+        got,
+        vec![wrong_hash, wrong_size, digest(b"bad blob!")],
+        "bad blobs are not stored"
+    );
 
     // Re-uploading a present blob succeeds (the write is skipped).
     put_blobs(&mut cas, "main", &[good]).await;
@@ -217,7 +265,13 @@ async fn batch_update_over_the_limit_is_rejected_whole() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(missing(&mut cas, "main", 0, vec![digest(&a)]).await.unwrap().len(), 1);
+    assert_eq!(
+        missing(&mut cas, "main", 0, vec![digest(&a)])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     // Under the limit: fine.
     put_blobs(&mut cas, "main", &[&a]).await;
 }
@@ -241,7 +295,11 @@ async fn batch_update_enforces_the_max_blob_size_per_blob() {
         .await
         .unwrap()
         .into_inner();
-    let codes: Vec<i32> = resp.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
+    let codes: Vec<i32> = resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
     assert_eq!(codes, vec![0, Code::InvalidArgument as i32]);
 }
 
@@ -286,7 +344,11 @@ async fn batch_update_zstd_round_trip() {
         .await
         .unwrap()
         .into_inner();
-    let codes: Vec<i32> = resp.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
+    let codes: Vec<i32> = resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
     let inv = Code::InvalidArgument as i32;
     assert_eq!(codes, vec![0, inv, inv, inv]);
 
@@ -307,8 +369,14 @@ async fn batch_update_zstd_round_trip() {
         .unwrap()
         .into_inner();
     assert_eq!(r.responses[0].compressor, Compressor::Zstd as i32);
-    assert_eq!(r.responses[0].data, z, "stored zstd payload passed through untouched");
-    assert_eq!(zstd::bulk::decompress(&r.responses[0].data, data.len()).unwrap(), data);
+    assert_eq!(
+        r.responses[0].data, z,
+        "stored zstd payload passed through untouched"
+    );
+    assert_eq!(
+        zstd::bulk::decompress(&r.responses[0].data, data.len()).unwrap(),
+        data
+    );
 }
 
 #[tokio::test]
@@ -323,14 +391,24 @@ async fn batch_read_found_missing_and_empty() {
     let resp = cas
         .batch_read_blobs(BatchReadBlobsRequest {
             instance_name: "main".into(),
-            digests: vec![digest(b"one"), digest(b"absent"), digest(b""), digest(b"two"), bad],
+            digests: vec![
+                digest(b"one"),
+                digest(b"absent"),
+                digest(b""),
+                digest(b"two"),
+                bad,
+            ],
             acceptable_compressors: vec![],
             digest_function: 0,
         })
         .await
         .unwrap()
         .into_inner();
-    let codes: Vec<i32> = resp.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
+    let codes: Vec<i32> = resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
     assert_eq!(
         codes,
         vec![0, Code::NotFound as i32, 0, 0, Code::InvalidArgument as i32]
@@ -415,7 +493,11 @@ async fn large_batches_are_verified_in_parallel_and_stay_ordered() {
         .await
         .unwrap()
         .into_inner();
-    let codes: Vec<i32> = resp.responses.iter().map(|r| r.status.as_ref().unwrap().code).collect();
+    let codes: Vec<i32> = resp
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
     let inv = Code::InvalidArgument as i32;
     assert_eq!(codes, vec![0, 0, 0, inv, 0, 0]);
 

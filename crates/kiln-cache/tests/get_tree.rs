@@ -65,7 +65,11 @@ async fn put(cas: &mut Cas, blobs: Vec<Vec<u8>>) {
         .await
         .unwrap()
         .into_inner();
-    assert!(resp.responses.iter().all(|r| r.status.as_ref().unwrap().code == 0));
+    assert!(
+        resp.responses
+            .iter()
+            .all(|r| r.status.as_ref().unwrap().code == 0)
+    );
 }
 
 /// root -> {a, b}; a -> c; b -> c (a repeated subtree); c -> d.
@@ -127,11 +131,18 @@ async fn walks_every_directory_once() {
     assert_eq!(pages.len(), 1);
     assert!(pages[0].next_page_token.is_empty());
     let got = dirs_of(&pages);
-    assert_eq!(got.len(), 5, "the repeated subtree c (and d below it) appears once");
-    assert_eq!(set(&got), set(&dirs_of(&[GetTreeResponse {
-        directories: fx.all.clone(),
-        next_page_token: String::new(),
-    }])));
+    assert_eq!(
+        got.len(),
+        5,
+        "the repeated subtree c (and d below it) appears once"
+    );
+    assert_eq!(
+        set(&got),
+        set(&dirs_of(&[GetTreeResponse {
+            directories: fx.all.clone(),
+            next_page_token: String::new(),
+        }]))
+    );
     // Breadth first: the root comes first, the deepest directory last.
     assert_eq!(got[0], fx.root.encode_to_vec());
     assert_eq!(got[4], fx.all[4].encode_to_vec());
@@ -144,11 +155,17 @@ async fn small_pages_reassemble_the_same_set() {
     let fx = fixture(&mut cas).await;
     let want = set(&fx.all.iter().map(|d| d.encode_to_vec()).collect::<Vec<_>>());
     for (page_size, pages_expected) in [(1, 5), (2, 3)] {
-        let pages = collect(&mut cas, req(ddigest(&fx.root), page_size, "")).await.unwrap();
+        let pages = collect(&mut cas, req(ddigest(&fx.root), page_size, ""))
+            .await
+            .unwrap();
         assert_eq!(pages.len(), pages_expected, "page_size {page_size}");
         for (i, p) in pages.iter().enumerate() {
             assert!(p.directories.len() <= page_size as usize);
-            assert_eq!(p.next_page_token.is_empty(), i == pages.len() - 1, "token only on non-final pages");
+            assert_eq!(
+                p.next_page_token.is_empty(),
+                i == pages.len() - 1,
+                "token only on non-final pages"
+            );
         }
         let got = dirs_of(&pages);
         assert_eq!(got.len(), 5);
@@ -168,9 +185,14 @@ async fn a_token_resumes_where_the_page_ended() {
     let token = pages[0].next_page_token.clone();
     assert!(!token.is_empty());
 
-    let rest = collect(&mut cas, req(ddigest(&fx.root), 0, &token)).await.unwrap();
+    let rest = collect(&mut cas, req(ddigest(&fx.root), 0, &token))
+        .await
+        .unwrap();
     let rest = dirs_of(&rest);
-    assert!(!rest.contains(&fx.root.encode_to_vec()), "the root is not walked again");
+    assert!(
+        !rest.contains(&fx.root.encode_to_vec()),
+        "the root is not walked again"
+    );
     let mut all = first.clone();
     all.extend(rest.iter().cloned());
     assert_eq!(all.len(), 5);
@@ -209,12 +231,16 @@ async fn bad_tokens_are_invalid_arguments() {
     assert!(!foreign.is_empty());
 
     for token in ["!!!", "AAAA", "c29tZSBnYXJiYWdl", foreign.as_str()] {
-        let err = collect(&mut cas, req(ddigest(&fx.root), 0, token)).await.unwrap_err();
+        let err = collect(&mut cas, req(ddigest(&fx.root), 0, token))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "token {token:?}");
     }
     let mut truncated = foreign.clone();
     truncated.truncate(foreign.len() - 4);
-    let err = collect(&mut cas, req(ddigest(&other), 0, &truncated)).await.unwrap_err();
+    let err = collect(&mut cas, req(ddigest(&other), 0, &truncated))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
@@ -228,19 +254,29 @@ async fn root_errors() {
 
     let not_a_dir = vec![0xffu8, 0xff, 0xff];
     put(&mut cas, vec![not_a_dir.clone()]).await;
-    let err = collect(&mut cas, req(digest(&not_a_dir), 0, "")).await.unwrap_err();
+    let err = collect(&mut cas, req(digest(&not_a_dir), 0, ""))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    let err = collect(&mut cas, req(ddigest(&absent), -1, "")).await.unwrap_err();
+    let err = collect(&mut cas, req(ddigest(&absent), -1, ""))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let mut r = req(ddigest(&absent), 0, "");
     r.instance_name = "nope".into();
-    assert_eq!(collect(&mut cas, r).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        collect(&mut cas, r).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     let mut r = req(ddigest(&absent), 0, "");
     r.root_digest = None;
-    assert_eq!(collect(&mut cas, r).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        collect(&mut cas, r).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 }
 
 #[tokio::test]

@@ -16,3 +16,4 @@ pub use bazel_remote_apis::google::protobuf;
 pub use bazel_remote_apis::google::rpc;
 
 pub mod rpc_details;
+pub mod worker;

@@ -108,7 +108,11 @@ impl MemoryStore {
             inner: Arc::new(Inner {
                 shards,
                 hasher: DefaultHashBuilder::default(),
-                limit: if capacity_bytes == 0 { u64::MAX } else { capacity_bytes },
+                limit: if capacity_bytes == 0 {
+                    u64::MAX
+                } else {
+                    capacity_bytes
+                },
                 capacity: capacity_bytes,
                 bytes: AtomicU64::new(0),
                 items: AtomicU64::new(0),
@@ -153,9 +157,10 @@ impl Inner {
         let (h, shard) = self.locate(key);
         let now = self.now() | REF;
         let guard = shard.data.read();
-        let idx = *guard
-            .table
-            .find(h, |&i| matches!(&guard.slots[i as usize], Some(s) if s.key == *key))?;
+        let idx = *guard.table.find(
+            h,
+            |&i| matches!(&guard.slots[i as usize], Some(s) if s.key == *key),
+        )?;
         let slot = guard.slots[idx as usize].as_ref()?;
         if slot.used.load(Ordering::Relaxed) != now {
             slot.used.store(now, Ordering::Relaxed);
@@ -205,7 +210,11 @@ impl Inner {
     fn evict_one(&self, preferred: usize) -> bool {
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         for i in 0..=SHARDS {
-            let index = if i == 0 { preferred } else { (start + i) & (SHARDS - 1) };
+            let index = if i == 0 {
+                preferred
+            } else {
+                (start + i) & (SHARDS - 1)
+            };
             let shard = &self.shards[index];
             let victim = {
                 let mut guard = shard.data.write();
@@ -228,7 +237,9 @@ impl Inner {
         let used = AtomicU32::new(self.now());
         let replaced = {
             let mut guard = shard.data.write();
-            let ShardData { table, slots, free, .. } = &mut *guard;
+            let ShardData {
+                table, slots, free, ..
+            } = &mut *guard;
             let found = table
                 .find(h, |&i| matches!(&slots[i as usize], Some(s) if s.key == *key))
                 .copied();
@@ -387,7 +398,10 @@ impl Store for MemoryStore {
     async fn has_many(&self, keys: &[BlobKey]) -> StoreResult<Vec<bool>> {
         // A presence check counts as a use (the spec asks servers to extend
         // the lifetime of blobs named in FindMissingBlobs).
-        Ok(keys.iter().map(|k| self.inner.lookup(k, |_| ()).is_some()).collect())
+        Ok(keys
+            .iter()
+            .map(|k| self.inner.lookup(k, |_| ()).is_some())
+            .collect())
     }
 
     async fn get(&self, key: &BlobKey) -> StoreResult<Option<Blob>> {

@@ -48,7 +48,11 @@ fn log_fast_error(what: &str, key: &BlobKey, e: &StoreError) {
 #[async_trait]
 impl Store for TieredStore {
     fn describe(&self) -> String {
-        format!("tiered(fast: {}, slow: {})", self.fast.describe(), self.slow.describe())
+        format!(
+            "tiered(fast: {}, slow: {})",
+            self.fast.describe(),
+            self.slow.describe()
+        )
     }
 
     async fn has_many(&self, keys: &[BlobKey]) -> StoreResult<Vec<bool>> {
@@ -249,11 +253,11 @@ struct TieredWriter {
 #[async_trait]
 impl BlobWriter for TieredWriter {
     async fn write(&mut self, chunk: Bytes) -> StoreResult<()> {
-        if let Some(fast) = self.fast.as_mut() {
-            if let Err(e) = fast.write(chunk.clone()).await {
-                log_fast_error("write", &self.key, &e);
-                self.fast = None;
-            }
+        if let Some(fast) = self.fast.as_mut()
+            && let Err(e) = fast.write(chunk.clone()).await
+        {
+            log_fast_error("write", &self.key, &e);
+            self.fast = None;
         }
         self.slow.write(chunk).await
     }
@@ -261,10 +265,10 @@ impl BlobWriter for TieredWriter {
     async fn commit(self: Box<Self>) -> StoreResult<()> {
         let TieredWriter { key, slow, fast } = *self;
         slow.commit().await?;
-        if let Some(fast) = fast {
-            if let Err(e) = fast.commit().await {
-                log_fast_error("write", &key, &e);
-            }
+        if let Some(fast) = fast
+            && let Err(e) = fast.commit().await
+        {
+            log_fast_error("write", &key, &e);
         }
         Ok(())
     }

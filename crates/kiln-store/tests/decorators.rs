@@ -115,7 +115,11 @@ async fn tiered_get_fills_fast_tier() {
     assert!(!present(fast.as_ref(), &key).await, "has_many must not fill");
 
     assert_eq!(tiered.get(&key).await.unwrap().unwrap().data, data);
-    assert_eq!(fast.get(&key).await.unwrap().unwrap().data, data, "get fills the fast tier");
+    assert_eq!(
+        fast.get(&key).await.unwrap().unwrap().data,
+        data,
+        "get fills the fast tier"
+    );
     assert!(tiered.get(&key_of(b"nope")).await.unwrap().is_none());
     // Stats are the slow (durable) tier's.
     assert_eq!(tiered.stats(), slow.stats());
@@ -131,11 +135,21 @@ async fn tiered_has_many_asks_slow_only_for_misses() {
     let (ka, kb, kc) = (key_of(&a), key_of(&b), key_of(&c));
     fast.put(&ka, Blob::identity(a)).await.unwrap();
     slow_mem.put(&kb, Blob::identity(b)).await.unwrap();
-    let found = tiered.has_many(&[ka.clone(), kb.clone(), kc.clone()]).await.unwrap();
+    let found = tiered
+        .has_many(&[ka.clone(), kb.clone(), kc.clone()])
+        .await
+        .unwrap();
     assert_eq!(found, vec![true, true, false]);
     assert_eq!(slow.take_asked(), vec![kb, kc]);
-    assert_eq!(tiered.has_many(std::slice::from_ref(&ka)).await.unwrap(), vec![true]);
-    assert_eq!(slow.calls.load(Ordering::Relaxed), 1, "no slow call when fast has all");
+    assert_eq!(
+        tiered.has_many(std::slice::from_ref(&ka)).await.unwrap(),
+        vec![true]
+    );
+    assert_eq!(
+        slow.calls.load(Ordering::Relaxed),
+        1,
+        "no slow call when fast has all"
+    );
 }
 
 #[tokio::test]
@@ -161,7 +175,11 @@ async fn tiered_streamed_read_fills_fast_tier() {
     assert_eq!((read.start, read.stored_len), (0, data.len() as u64));
     let got = concat(read.stream).await;
     assert_eq!(got, data);
-    assert_eq!(fast.get(&key).await.unwrap().unwrap().data, data, "streamed read fills the fast tier");
+    assert_eq!(
+        fast.get(&key).await.unwrap().unwrap().data,
+        data,
+        "streamed read fills the fast tier"
+    );
 
     // Served from the fast tier from now on, even if the slow one lost it.
     let slow_only = Arc::new(MemoryStore::new(1 << 20));
@@ -216,7 +234,10 @@ async fn tiered_slow_errors_fail_fast_errors_do_not() {
     let data = text(7, 1000);
     let key = key_of(&data);
     tiered.put(&key, Blob::identity(data.clone())).await.unwrap();
-    let mut w = tiered.begin_write(&key_of(b"x"), Encoding::Identity).await.unwrap();
+    let mut w = tiered
+        .begin_write(&key_of(b"x"), Encoding::Identity)
+        .await
+        .unwrap();
     w.write(data.clone()).await.unwrap();
     w.commit().await.unwrap();
     assert!(present(slow.as_ref(), &key).await && !present(fast.as_ref(), &key).await);
@@ -239,12 +260,20 @@ async fn compressed_stores_zstd_in_inner() {
         store.put(&key, Blob::identity(data.clone())).await.unwrap();
         let stored = inner.get(&key).await.unwrap().unwrap();
         assert_eq!(stored.encoding, Encoding::Zstd);
-        assert!(stored.data.len() < data.len() / 4, "{} vs {}", stored.data.len(), data.len());
+        assert!(
+            stored.data.len() < data.len() / 4,
+            "{} vs {}",
+            stored.data.len(),
+            data.len()
+        );
         assert_eq!(codec::decompress(&stored.data, len as u64).unwrap(), data);
         // Identity readers get the original bytes, at any offset.
         assert_eq!(codec::get_identity(&store, &key).await.unwrap().unwrap(), data);
         for offset in [0, 1, len as u64 / 2, len as u64 - 1, len as u64] {
-            assert_eq!(identity_from(&store, &key, offset).await, &data[offset as usize..]);
+            assert_eq!(
+                identity_from(&store, &key, offset).await,
+                &data[offset as usize..]
+            );
         }
     }
     // Tiny blobs stay identity.
@@ -263,7 +292,11 @@ async fn compressed_streaming_write_stores_zstd() {
     let key = key_of(&data);
     let mut w = store.begin_write(&key, Encoding::Identity).await.unwrap();
     // Chunks on both sides of the blocking threshold.
-    for c in data.slice(..10_000).chunks(1000).chain(data[10_000..].chunks(200_000)) {
+    for c in data
+        .slice(..10_000)
+        .chunks(1000)
+        .chain(data[10_000..].chunks(200_000))
+    {
         w.write(Bytes::copy_from_slice(c)).await.unwrap();
     }
     assert!(!present(inner.as_ref(), &key).await);
@@ -304,7 +337,10 @@ async fn compressed_read_passes_through() {
     assert_eq!(inner.get(&key).await.unwrap().unwrap().data.as_ptr(), z.as_ptr());
     // Reads hand out the stored zstd bytes as they are.
     let read = store.read(&key, 0).await.unwrap().unwrap();
-    assert_eq!((read.encoding, read.start, read.stored_len), (Encoding::Zstd, 0, z.len() as u64));
+    assert_eq!(
+        (read.encoding, read.start, read.stored_len),
+        (Encoding::Zstd, 0, z.len() as u64)
+    );
     assert_eq!(concat(read.stream).await, z);
     let blob = store.get(&key).await.unwrap().unwrap();
     assert_eq!((blob.encoding, blob.data.as_ptr()), (Encoding::Zstd, z.as_ptr()));
@@ -334,12 +370,23 @@ async fn existence_cache_answers_repeats_without_inner() {
     // Present keys are answered from the cache; the negative is asked again.
     assert_eq!(cache.has_many(&keys).await.unwrap(), vec![true, false, true]);
     assert_eq!(inner.take_asked(), vec![missing.clone()]);
-    assert_eq!(cache.has_many(&[ka.clone(), kb.clone()]).await.unwrap(), vec![true, true]);
-    assert!(inner.take_asked().is_empty(), "all-cached has_many must not reach inner");
+    assert_eq!(
+        cache.has_many(&[ka.clone(), kb.clone()]).await.unwrap(),
+        vec![true, true]
+    );
+    assert!(
+        inner.take_asked().is_empty(),
+        "all-cached has_many must not reach inner"
+    );
 
     // Negatives are never cached: once the blob appears, it is seen.
-    mem.put(&missing, Blob::identity(Bytes::from_static(b"missing"))).await.unwrap();
-    assert_eq!(cache.has_many(std::slice::from_ref(&missing)).await.unwrap(), vec![true]);
+    mem.put(&missing, Blob::identity(Bytes::from_static(b"missing")))
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.has_many(std::slice::from_ref(&missing)).await.unwrap(),
+        vec![true]
+    );
     assert_eq!(inner.take_asked(), vec![missing]);
 
     // Writes through the cache, and reads that find the blob, record it.
@@ -378,7 +425,11 @@ async fn existence_cache_entries_expire() {
     // The TTL is wall-clock time: there is no event to wait for.
     tokio::time::sleep(ttl + Duration::from_millis(20)).await;
     assert!(present(&cache, &ka).await);
-    assert_eq!(inner.take_asked(), vec![ka.clone()], "expired entry must be re-checked");
+    assert_eq!(
+        inner.take_asked(),
+        vec![ka.clone()],
+        "expired entry must be re-checked"
+    );
     // Expired and gone: the inner answer (absent) wins.
     let gone = Arc::new(MemoryStore::new(1 << 20));
     let cache = ExistenceCache::new(gone, ttl, 1000);

@@ -398,7 +398,7 @@ async fn concurrent_writes_reads_and_evictions_keep_accounting_exact() {
         tasks.push(tokio::spawn(async move {
             for round in 0..60u64 {
                 let k = &keys[((t * 7 + round * 13) % keys.len() as u64) as usize];
-                let payload = data(t * 1000 + round, 1000 + ((t * 31 + round * 17) % 20_000) as usize);
+                let payload = data(t * 1000 + round, 1000 + ((t * 7919 + round * 104_729) % 20_000) as usize);
                 match (t + round) % 5 {
                     0 => {
                         let z = codec::compress(&payload, 1).unwrap();
@@ -434,6 +434,7 @@ async fn concurrent_writes_reads_and_evictions_keep_accounting_exact() {
         t.await.unwrap();
     }
     store.quiesce().await;
+    println!("{:?}", store.stats());
     assert!(store.stats().evictions > 0);
     assert_consistent(&store, dir.path());
     assert!(files_under(&dir.path().join("tmp")).is_empty());

@@ -57,6 +57,8 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Print the configuration reference (Markdown), generated from the config types.
+    ConfigReference,
 }
 
 #[derive(clap::Args, Default)]
@@ -112,6 +114,10 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::ConfigReference => {
+            print!("{}", config::reference_markdown());
+            ExitCode::SUCCESS
+        }
         Command::DefaultConfig => {
             print!("{}", config::default_config_text());
             ExitCode::SUCCESS

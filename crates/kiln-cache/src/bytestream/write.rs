@@ -311,9 +311,17 @@ impl ZstdIngest {
         let mut input = InBuffer::around(data);
         loop {
             let mut output = OutBuffer::around(&mut self.out[..]);
-            self.hint = self.decoder.run(&mut input, &mut output).map_err(|e| {
+            let consumed = input.pos();
+            let hint = self.decoder.run(&mut input, &mut output).map_err(|e| {
                 CacheError::InvalidArgument(format!("compressed upload of {key} is not valid zstd: {e}"))
             })?;
+            // 0 = a frame just completed. A call that neither consumed nor
+            // produced anything (flushing after an exactly full buffer, once
+            // the frame is done) reports what the *next* frame needs, not
+            // the state of the one just finished: keep the old hint then.
+            if hint == 0 || input.pos() > consumed || output.pos() > 0 {
+                self.hint = hint;
+            }
             let n = output.pos();
             if n > 0 {
                 if *plain + n as u64 > key.size() {
@@ -330,5 +338,70 @@ impl ZstdIngest {
 
     fn frame_complete(&self) -> bool {
         self.hint == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_digest::DigestFunction;
+
+    /// Feeds `z` in `step`-byte pieces; returns (frame complete, plain bytes, hash ok).
+    fn ingest(z: &[u8], step: usize, plain: &[u8]) -> CacheResult<(bool, u64, bool)> {
+        let key = BlobKey::of(DigestFunction::Sha256, plain);
+        let mut ing = ZstdIngest::new()?;
+        let mut hasher = Hasher::new(key.function(), key.size());
+        let mut n = 0u64;
+        for piece in z.chunks(step.max(1)) {
+            ing.feed(piece, &key, &mut hasher, &mut n)?;
+        }
+        Ok((ing.frame_complete(), n, hasher.verify(&key, n).is_ok()))
+    }
+
+    #[test]
+    fn zstd_ingest_tracks_frames_across_chunkings() {
+        // Sizes around multiples of the decode buffer exercise the flush edge.
+        for len in [
+            1usize,
+            1000,
+            DECODE_BUF - 1,
+            DECODE_BUF,
+            DECODE_BUF + 1,
+            4 * DECODE_BUF,
+        ] {
+            let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (i / 997) as u8).collect();
+            let z = zstd::bulk::compress(&plain, 1).unwrap();
+            for step in [1usize, 7, 4096, z.len()] {
+                let (done, n, ok) = ingest(&z, step, &plain).unwrap();
+                assert!(done && ok && n == len as u64, "len {len} step {step}");
+            }
+            // Truncated: hashed bytes may be short and the frame is open.
+            let (done, _, _) = ingest(&z[..z.len() - 1], 4096, &plain).unwrap();
+            assert!(!done, "truncated len {len}");
+        }
+    }
+
+    #[test]
+    fn zstd_ingest_accepts_concatenated_frames() {
+        let a = vec![b'a'; DECODE_BUF];
+        let b = vec![b'b'; 1234];
+        let mut z = zstd::bulk::compress(&a, 3).unwrap();
+        z.extend_from_slice(&zstd::bulk::compress(&b, 3).unwrap());
+        let plain = [a, b].concat();
+        let (done, n, ok) = ingest(&z, 100, &plain).unwrap();
+        assert!(done && ok && n == plain.len() as u64);
+    }
+
+    #[test]
+    fn zstd_ingest_rejects_garbage_and_excess() {
+        assert_eq!(
+            ingest(b"definitely not zstd", 5, b"x").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        // Decodes to more than the declared size.
+        let big = vec![7u8; 10_000];
+        let z = zstd::bulk::compress(&big, 1).unwrap();
+        let err = ingest(&z, 1000, &big[..100]).unwrap_err();
+        assert!(err.to_string().contains("more than its size"), "{err}");
     }
 }

@@ -38,3 +38,16 @@ impl<'de> Deserialize<'de> for HumanDuration {
         d.deserialize_str(V)
     }
 }
+
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HumanDuration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration such as \"30s\", \"10m\" or \"1h 30m\"."
+        })
+    }
+}

@@ -9,22 +9,25 @@
 
 mod duration;
 mod load;
+mod reference;
 mod size;
 mod validate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 pub use duration::HumanDuration;
 pub use load::{ConfigError, default_config_text, load_file, parse};
 pub use validate::children as store_children;
+pub use reference::reference_markdown;
 pub use size::ByteSize;
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listeners and the data directory.
@@ -39,15 +42,17 @@ pub struct Config {
     pub instances: Vec<InstanceConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// gRPC listen address (all REAPI services and grpc.health.v1).
     /// Default: "127.0.0.1:50051".
     #[serde(default = "default_listen")]
+    #[schemars(with = "String")]
     pub listen: SocketAddr,
     /// HTTP listen address (`/healthz`). Default: "127.0.0.1:50052".
     #[serde(default = "default_http_listen")]
+    #[schemars(with = "String")]
     pub http_listen: SocketAddr,
     /// Base directory for disk stores with relative paths. Default: the
     /// `KILN_DATA_DIR` environment variable, else `$XDG_DATA_HOME/kiln`,
@@ -74,7 +79,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest total blob size of one BatchUpdateBlobs/BatchReadBlobs call
@@ -111,7 +116,7 @@ impl Default for LimitsConfig {
 
 /// One store: exactly one of the tables below, e.g.
 /// `[stores.cas.disk]` with `path` and `capacity`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum StoreConfig {
     /// Blobs in RAM, evicted least-recently-used beyond `capacity`.
@@ -126,14 +131,14 @@ pub enum StoreConfig {
     ExistenceCache(ExistenceCacheConfig),
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryStoreConfig {
     /// Most payload bytes held. Required.
     pub capacity: ByteSize,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskStoreConfig {
     /// Directory of the store; relative paths are under `server.data_dir`.
@@ -149,19 +154,22 @@ pub struct DiskStoreConfig {
     pub sync_writes: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TieredStoreConfig {
     /// Name of the fast store (e.g. memory). Required.
+    #[schemars(with = "String")]
     pub fast: Spanned<String>,
     /// Name of the slow, authoritative store (e.g. disk). Required.
+    #[schemars(with = "String")]
     pub slow: Spanned<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompressedStoreConfig {
     /// Name of the store that holds the compressed payloads. Required.
+    #[schemars(with = "String")]
     pub inner: Spanned<String>,
     /// zstd level, 1 (fastest) to 19. Default: 1.
     #[serde(default = "default_zstd_level")]
@@ -172,10 +180,11 @@ fn default_zstd_level() -> i32 {
     1
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExistenceCacheConfig {
     /// Name of the store whose contents are remembered. Required.
+    #[schemars(with = "String")]
     pub inner: Spanned<String>,
     /// How long a blob seen present is assumed present. Default: "1m".
     #[serde(default = "default_existence_ttl")]
@@ -193,15 +202,17 @@ fn default_existence_entries() -> usize {
     1_000_000
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceConfig {
     /// The REAPI instance name; "" (the default) is the unnamed instance.
     #[serde(default)]
     pub name: String,
     /// Store holding the CAS. Required.
+    #[schemars(with = "String")]
     pub cas: Spanned<String>,
     /// Store holding the Action Cache. Required.
+    #[schemars(with = "String")]
     pub ac: Spanned<String>,
     /// Refuse UpdateActionResult with PERMISSION_DENIED. Default: false.
     #[serde(default)]
@@ -213,6 +224,7 @@ pub struct InstanceConfig {
     /// Digest functions accepted: any of sha256, sha1, md5, sha384, sha512,
     /// blake3, gitsha1. Default: all of them.
     #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
     pub digest_functions: Option<Vec<Spanned<String>>>,
 }
 
