@@ -145,6 +145,7 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
         .ok_or_else(|| BenchError::new("startup needs --server-cmd"))?;
     let log = std::env::temp_dir().join(format!("kiln-bench-startup-{}.log", std::process::id()));
     let mut rep = ScenarioReport::new(NAME);
+    let mut sample = Vec::new();
 
     if a.populate > 0 {
         let mut server = Server::spawn(&cmd, log.clone())?;
@@ -159,7 +160,7 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
             a.populate_batch,
         );
         let t0 = Instant::now();
-        let (stored, _) = client::upload_generated(
+        let (stored, populated_sample) = client::upload_generated(
             &pool,
             &ctx.conn.instance,
             a.populate,
@@ -171,6 +172,7 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
         .await
         .ctx("populating the store")?;
         let took = t0.elapsed();
+        sample = populated_sample;
         drop(pool);
         let t1 = Instant::now();
         server.stop().await.ctx("stopping the populated server")?;
@@ -184,7 +186,8 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
 
     let mut times = Vec::new();
     let mut rss = Vec::new();
-    for _ in 0..a.startup_runs.max(1) {
+    let runs = a.startup_runs.max(1);
+    for run in 0..runs {
         let t0 = Instant::now();
         let mut server = Server::spawn(&cmd, log.clone())?;
         let ready = server.wait_ready(&ctx.conn, t0, a.startup_timeout).await?;
@@ -192,6 +195,18 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
         let watch = ProcWatch::pid(server.pid(), crate::procstat::clock_ticks_per_sec());
         if let Ok(r) = watch.rss_bytes() {
             rss.push(r);
+        }
+        if run + 1 == runs && !sample.is_empty() {
+            // After the last start: are the populated blobs still there?
+            let pool = ctx.conn.channels(1).await?;
+            let t = Instant::now();
+            let missing = client::count_missing(&pool, &ctx.conn.instance, &sample).await?;
+            rep.note(format!(
+                "after restart {} of {} sampled populated blobs were found (FindMissingBlobs took {:.1} ms)",
+                sample.len() - missing,
+                sample.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            ));
         }
         server.stop().await?;
     }

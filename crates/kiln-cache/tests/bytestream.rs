@@ -818,49 +818,121 @@ async fn store_fault_mid_read_is_internal() {
     assert_code(r, Code::Unavailable, "begin_write failure");
 }
 
-/// Throughput of one large write stream and of parallel reads. Run with
-/// `cargo test --release -p kiln-cache --test bytestream -- --ignored --nocapture`.
+/// The server half of the throughput test: its own runtime with
+/// recognisable thread names, so its CPU time can be told from the client's.
+struct BenchServer {
+    runtime: Option<tokio::runtime::Runtime>,
+    channel: Channel,
+}
+
+const SERVER_THREAD: &str = "kiln-bench-srv";
+
+impl BenchServer {
+    /// `windows`: large HTTP/2 flow-control windows on both ends (the
+    /// defaults are 1 MiB server-side).
+    async fn start(windows: bool) -> BenchServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(SERVER_THREAD)
+            .enable_all()
+            .build()
+            .unwrap();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let mut routes = tonic::service::RoutesBuilder::default();
+        {
+            let _enter = runtime.enter();
+            let instances = Arc::new(common::memory_instances(CacheLimits::default()));
+            kiln_cache::add_routes(&mut routes, instances);
+        }
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+            if windows {
+                builder = builder
+                    .initial_stream_window_size(16 << 20)
+                    .initial_connection_window_size(32 << 20);
+            }
+            builder
+                .add_routes(routes.routes())
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap();
+        });
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .tcp_nodelay(true);
+        if windows {
+            endpoint = endpoint
+                .initial_stream_window_size(16 << 20)
+                .initial_connection_window_size(32 << 20);
+        }
+        let channel = endpoint.connect().await.unwrap();
+        BenchServer {
+            runtime: Some(runtime),
+            channel,
+        }
+    }
+
+    fn client(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel.clone()).max_decoding_message_size(64 * MIB)
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Throughput of one large write stream and of parallel reads, with the
+/// server's CPU time measured apart from the client's. Run with
+/// `cargo test --release -p kiln-cache --test bytestream throughput -- --ignored --nocapture`
+/// (`KILN_BENCH_WINDOWS=1` for large HTTP/2 windows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput() {
+    let windows = std::env::var("KILN_BENCH_WINDOWS").is_ok();
+    let server = BenchServer::start(windows).await;
+    let mut c = server.client();
     let len = 256 * MIB;
-    let server = common::start(common::memory_instances(CacheLimits::default())).await;
-    let mut c = client(&server);
     let data = content(len, 101);
     let key = sha256(&data);
     let name = upload_name("", &key);
-    // Build the request messages up front (the client's cost is not measured).
+    // The request messages are built before the clock starts.
     let reqs = requests(&name, &data, MIB, 0, true);
-    let cpu0 = cpu_seconds();
+    let gb = len as f64 / 1e9;
+    let before = CpuSample::now();
     let t = Instant::now();
     let resp = send(&mut c, reqs).await.unwrap();
     let secs = t.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = CpuSample::now().since(&before);
     assert_eq!(resp.committed_size, len as i64);
-    let gb = len as f64 / 1e9;
     println!(
-        "write: {:.2} GB/s, {:.2} CPU-s/GB (process, client included)",
+        "write 1 x 256 MiB (windows: {windows}): {:.2} GB/s; server {:.2} CPU-s/GB, whole process {:.2}",
         gb / secs,
-        cpu / gb
+        cpu.server / gb,
+        cpu.process / gb
     );
 
     let conc = 4;
+    let before = CpuSample::now();
     let t = Instant::now();
-    let cpu0 = cpu_seconds();
     let mut tasks = Vec::new();
     for _ in 0..conc {
-        let mut c = client(&server);
+        let mut c = server.client();
         let name = read_name("", &key);
         tasks.push(tokio::spawn(async move {
-            let mut stream = c
-                .read(ReadRequest {
-                    resource_name: name,
-                    read_offset: 0,
-                    read_limit: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let req = ReadRequest {
+                resource_name: name,
+                read_offset: 0,
+                read_limit: 0,
+            };
+            let mut stream = c.read(req).await.unwrap().into_inner();
             let mut n = 0usize;
             while let Some(m) = stream.message().await.unwrap() {
                 n += m.data.len();
@@ -873,22 +945,51 @@ async fn throughput() {
         total += t.await.unwrap();
     }
     let secs = t.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = CpuSample::now().since(&before);
     assert_eq!(total, conc * len);
     let gb = total as f64 / 1e9;
     println!(
-        "read x{conc}: {:.2} GB/s, {:.2} CPU-s/GB (process, client included)",
+        "read {conc} x 256 MiB (windows: {windows}): {:.2} GB/s; server {:.2} CPU-s/GB, whole process {:.2}",
         gb / secs,
-        cpu / gb
+        cpu.server / gb,
+        cpu.process / gb
     );
 }
 
-/// User + system CPU time of this process, from /proc/self/stat.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// CPU seconds (user + system) of the whole process and of the server's threads.
+struct CpuSample {
+    process: f64,
+    server: f64,
+}
+
+impl CpuSample {
+    fn now() -> CpuSample {
+        let mut server = 0.0;
+        if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+            for task in dir.flatten() {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                if stat.contains(&format!("({SERVER_THREAD})")) {
+                    server += stat_cpu(&stat);
+                }
+            }
+        }
+        let process = stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default());
+        CpuSample { process, server }
+    }
+
+    fn since(&self, earlier: &CpuSample) -> CpuSample {
+        CpuSample {
+            process: self.process - earlier.process,
+            server: self.server - earlier.server,
+        }
+    }
+}
+
+/// utime + stime of a /proc stat line, in seconds (100 ticks per second).
+fn stat_cpu(stat: &str) -> f64 {
     let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the whole line (11, 12 here).
+    // Fields 14 and 15 of the line (utime, stime) are 11 and 12 after the ')'.
     (ticks(11) + ticks(12)) / 100.0
 }

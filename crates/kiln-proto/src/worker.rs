@@ -41,10 +41,10 @@ pub mod worker_update {
         Heartbeat(super::Heartbeat),
         #[prost(message, tag = "3")]
         Started(super::Started),
-        #[prost(message, tag = "4")]
-        Progress(super::Progress),
-        #[prost(message, tag = "5")]
-        Finished(super::Finished),
+        #[prost(message, boxed, tag = "4")]
+        Progress(Box<super::Progress>),
+        #[prost(message, boxed, tag = "5")]
+        Finished(Box<super::Finished>),
         #[prost(message, tag = "6")]
         Draining(super::Draining),
         #[prost(message, tag = "7")]

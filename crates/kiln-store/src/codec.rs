@@ -193,7 +193,7 @@ mod tests {
     }
 
     async fn collect(s: ChunkStream) -> Vec<u8> {
-        s.try_concat().await.unwrap().to_vec()
+        s.try_collect::<Vec<Bytes>>().await.unwrap().concat()
     }
 
     #[tokio::test]
@@ -221,6 +221,6 @@ mod tests {
             stored_len: 5,
             stream: chunks(b"nope!", 5),
         };
-        assert!(identity_stream(read, 0).try_concat().await.is_err());
+        assert!(identity_stream(read, 0).try_collect::<Vec<Bytes>>().await.is_err());
     }
 }

@@ -50,7 +50,9 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries {
             let e = e.unwrap();
             let ft = e.file_type().unwrap();
@@ -78,7 +80,11 @@ fn assert_consistent(store: &DiskStore, root: &Path) {
     let stats = store.stats();
     let bytes: u64 = files.iter().map(|(_, l)| l).sum();
     assert_eq!(stats.bytes, bytes, "accounted bytes vs bytes on disk ({files:?})");
-    assert_eq!(stats.items, files.len() as u64, "accounted items vs files on disk");
+    assert_eq!(
+        stats.items,
+        files.len() as u64,
+        "accounted items vs files on disk"
+    );
     if stats.capacity > 0 {
         assert!(stats.bytes <= stats.capacity);
     }
@@ -112,7 +118,10 @@ async fn round_trip_identity_and_zstd_with_offsets() {
     let big = data(1, 3 * (1 << 20) + 12_345);
     let big_key = key_of(&big);
     store.put(&big_key, Blob::identity(big.clone())).await.unwrap();
-    assert_eq!(store.get(&big_key).await.unwrap(), Some(Blob::identity(big.clone())));
+    assert_eq!(
+        store.get(&big_key).await.unwrap(),
+        Some(Blob::identity(big.clone()))
+    );
     let len = big.len() as u64;
     for offset in [0, 1, 1 << 20, (1 << 20) + 7, len - 1, len, len + 100] {
         let read = store.read(&big_key, offset).await.unwrap().unwrap();
@@ -128,11 +137,20 @@ async fn round_trip_identity_and_zstd_with_offsets() {
     let z_key = key_of(&plain);
     let z = codec::compress(&plain, codec::DEFAULT_ZSTD_LEVEL).unwrap();
     store
-        .put(&z_key, Blob { encoding: Encoding::Zstd, data: z.clone() })
+        .put(
+            &z_key,
+            Blob {
+                encoding: Encoding::Zstd,
+                data: z.clone(),
+            },
+        )
         .await
         .unwrap();
     let read = store.read(&z_key, 1000).await.unwrap().unwrap();
-    assert_eq!((read.encoding, read.start, read.stored_len), (Encoding::Zstd, 0, z.len() as u64));
+    assert_eq!(
+        (read.encoding, read.start, read.stored_len),
+        (Encoding::Zstd, 0, z.len() as u64)
+    );
     let decoded: Vec<u8> = concat(codec::identity_stream(read, 1000)).await;
     assert_eq!(decoded, &plain[1000..]);
     assert_eq!(get_identity(&store, &z_key).await.unwrap(), plain);
@@ -141,7 +159,10 @@ async fn round_trip_identity_and_zstd_with_offsets() {
     // Empty blob.
     let empty_key = BlobKey::empty(DigestFunction::Sha256);
     store.put(&empty_key, Blob::identity(Bytes::new())).await.unwrap();
-    assert_eq!(collect(store.read(&empty_key, 0).await.unwrap().unwrap()).await, b"");
+    assert_eq!(
+        collect(store.read(&empty_key, 0).await.unwrap().unwrap()).await,
+        b""
+    );
 
     let missing = key_of(b"never stored");
     assert_eq!(store.get(&missing).await.unwrap(), None);
@@ -165,10 +186,22 @@ async fn round_trip_identity_and_zstd_with_offsets() {
     // ... in another encoding: exactly one file remains.
     let z = codec::compress(&data(4, 3000), 1).unwrap();
     store
-        .put(&ac_key, Blob { encoding: Encoding::Zstd, data: z.clone() })
+        .put(
+            &ac_key,
+            Blob {
+                encoding: Encoding::Zstd,
+                data: z.clone(),
+            },
+        )
         .await
         .unwrap();
-    assert_eq!(store.get(&ac_key).await.unwrap(), Some(Blob { encoding: Encoding::Zstd, data: z }));
+    assert_eq!(
+        store.get(&ac_key).await.unwrap(),
+        Some(Blob {
+            encoding: Encoding::Zstd,
+            data: z
+        })
+    );
     let hash = ac_key.hash_hex();
     let files: Vec<_> = blob_files(dir.path())
         .into_iter()
@@ -177,7 +210,10 @@ async fn round_trip_identity_and_zstd_with_offsets() {
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(files[0].0.to_str().unwrap().ends_with(".zst"));
     store.put(&ac_key, Blob::identity(data(5, 10))).await.unwrap();
-    assert_eq!(store.get(&ac_key).await.unwrap(), Some(Blob::identity(data(5, 10))));
+    assert_eq!(
+        store.get(&ac_key).await.unwrap(),
+        Some(Blob::identity(data(5, 10)))
+    );
     assert_eq!(store.stats().items, 4);
     assert_consistent(&store, dir.path());
 }
@@ -197,7 +233,10 @@ async fn streaming_writer_round_trip_and_replace() {
     assert_eq!(store.stats().items, 0);
     w.commit().await.unwrap();
     assert_eq!(store.get(&key).await.unwrap().unwrap().data, payload);
-    assert_eq!(collect(store.read(&key, 5_000_000).await.unwrap().unwrap()).await, &payload[5_000_000..]);
+    assert_eq!(
+        collect(store.read(&key, 5_000_000).await.unwrap().unwrap()).await,
+        &payload[5_000_000..]
+    );
 
     // Replace by a streamed zstd payload.
     let z = codec::compress(&payload, 1).unwrap();
@@ -218,9 +257,24 @@ async fn too_large_blobs_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_ready(dir.path(), 1000).await;
     let big = data(1, 1001);
-    let err = store.put(&key_of(&big), Blob::identity(big.clone())).await.unwrap_err();
-    assert!(matches!(err, StoreError::TooLarge { size: 1001, limit: 1000 }), "{err}");
-    let mut w = store.begin_write(&key_of(&big), Encoding::Identity).await.unwrap();
+    let err = store
+        .put(&key_of(&big), Blob::identity(big.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::TooLarge {
+                size: 1001,
+                limit: 1000
+            }
+        ),
+        "{err}"
+    );
+    let mut w = store
+        .begin_write(&key_of(&big), Encoding::Identity)
+        .await
+        .unwrap();
     w.write(big.slice(..600)).await.unwrap();
     let err = w.write(big.slice(600..)).await.unwrap_err();
     assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
@@ -243,7 +297,10 @@ async fn restart_keeps_every_blob() {
             let d = data(i, 100 + (i as usize * 37) % 5000);
             let key = key_of(&d);
             let blob = if i % 3 == 0 {
-                Blob { encoding: Encoding::Zstd, data: codec::compress(&d, 1).unwrap() }
+                Blob {
+                    encoding: Encoding::Zstd,
+                    data: codec::compress(&d, 1).unwrap(),
+                }
             } else {
                 Blob::identity(d.clone())
             };
@@ -265,6 +322,22 @@ async fn restart_keeps_every_blob() {
     for (key, d) in &keys {
         assert_eq!(get_identity(&store, key).await.as_ref(), Some(d));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_capacity_at_restart_trims_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open_ready(dir.path(), 0).await;
+        for i in 0..20u64 {
+            let d = data(i, 10_000);
+            store.put(&key_of(&d), Blob::identity(d)).await.unwrap();
+        }
+    }
+    let store = open_ready(dir.path(), 55_000).await;
+    let stats = store.stats();
+    assert_eq!((stats.items, stats.evictions), (5, 15));
+    assert_consistent(&store, dir.path());
 }
 
 /// Sets a blob file's mtime, whatever its encoding.
@@ -290,19 +363,29 @@ async fn lru_order_is_seeded_from_mtimes_after_restart() {
     // Blob i was last used i hours ago: 9 is the oldest.
     let now = SystemTime::now();
     for (i, b) in blobs.iter().enumerate() {
-        set_mtime(dir.path(), &key_of(b), now - Duration::from_secs(3600 * i as u64 + 60));
+        set_mtime(
+            dir.path(),
+            &key_of(b),
+            now - Duration::from_secs(3600 * i as u64 + 60),
+        );
     }
     let store = open_ready(dir.path(), 10_000).await;
     assert!(store.stats().oldest_age_secs >= 9 * 3600);
     // Reading blob 9 makes 8 the oldest; its file's mtime is refreshed.
     store.get(&key_of(&blobs[9])).await.unwrap().unwrap();
     let extra = data(200, 1500);
-    store.put(&key_of(&extra), Blob::identity(extra.clone())).await.unwrap();
+    store
+        .put(&key_of(&extra), Blob::identity(extra.clone()))
+        .await
+        .unwrap();
     let present = store
         .has_many(&blobs.iter().map(|b| key_of(b)).collect::<Vec<_>>())
         .await
         .unwrap();
-    assert_eq!(present, vec![true, true, true, true, true, true, true, false, false, true]);
+    assert_eq!(
+        present,
+        vec![true, true, true, true, true, true, true, false, false, true]
+    );
     assert_eq!(store.stats().evictions, 2);
     assert_consistent(&store, dir.path());
     store.quiesce().await;
@@ -312,7 +395,10 @@ async fn lru_order_is_seeded_from_mtimes_after_restart() {
         .find(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with(&hash))
         .unwrap();
     let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
-    assert!(mtime > now - Duration::from_secs(600), "read did not refresh the mtime");
+    assert!(
+        mtime > now - Duration::from_secs(600),
+        "read did not refresh the mtime"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,7 +424,7 @@ async fn eviction_keeps_capacity_and_hot_blobs() {
         assert!(store.stats().bytes <= CAP);
         assert!(disk_bytes(dir.path()) <= CAP);
         // Keep the hot set in use: reads and existence checks count.
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             for k in &hot_keys[..2] {
                 assert!(store.get(k).await.unwrap().is_some());
             }
@@ -349,9 +435,17 @@ async fn eviction_keeps_capacity_and_hot_blobs() {
     }
     let stats = store.stats();
     assert!(stats.evictions > 0);
-    assert!(store.has_many(&hot_keys).await.unwrap().iter().all(|&b| b), "hot blobs evicted");
+    assert!(
+        store.has_many(&hot_keys).await.unwrap().iter().all(|&b| b),
+        "hot blobs evicted"
+    );
     let present = store.has_many(&cold).await.unwrap();
-    let evicted: Vec<&BlobKey> = cold.iter().zip(&present).filter(|(_, p)| !**p).map(|(k, _)| k).collect();
+    let evicted: Vec<&BlobKey> = cold
+        .iter()
+        .zip(&present)
+        .filter(|(_, p)| !**p)
+        .map(|(k, _)| k)
+        .collect();
     assert_eq!(evicted.len() as u64, stats.evictions);
     let on_disk: HashSet<String> = blob_files(dir.path())
         .iter()
@@ -398,18 +492,30 @@ async fn concurrent_writes_reads_and_evictions_keep_accounting_exact() {
         tasks.push(tokio::spawn(async move {
             for round in 0..60u64 {
                 let k = &keys[((t * 7 + round * 13) % keys.len() as u64) as usize];
-                let payload = data(t * 1000 + round, 1000 + ((t * 7919 + round * 104_729) % 20_000) as usize);
+                let payload = data(
+                    t * 1000 + round,
+                    1000 + ((t * 7919 + round * 104_729) % 20_000) as usize,
+                );
                 match (t + round) % 5 {
                     0 => {
                         let z = codec::compress(&payload, 1).unwrap();
-                        store.put(k, Blob { encoding: Encoding::Zstd, data: z }).await.unwrap();
+                        store
+                            .put(
+                                k,
+                                Blob {
+                                    encoding: Encoding::Zstd,
+                                    data: z,
+                                },
+                            )
+                            .await
+                            .unwrap();
                     }
                     1 => {
                         let mut w = store.begin_write(k, Encoding::Identity).await.unwrap();
                         for c in payload.chunks(3000) {
                             w.write(Bytes::copy_from_slice(c)).await.unwrap();
                         }
-                        if round % 4 == 0 {
+                        if round.is_multiple_of(4) {
                             drop(w); // abandoned
                         } else {
                             w.commit().await.unwrap();
@@ -449,7 +555,10 @@ async fn concurrent_writes_reads_and_evictions_keep_accounting_exact() {
     let before = store.stats();
     drop(store);
     let store = open_ready(dir.path(), CAP).await;
-    assert_eq!((store.stats().bytes, store.stats().items), (before.bytes, before.items));
+    assert_eq!(
+        (store.stats().bytes, store.stats().items),
+        (before.bytes, before.items)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,7 +583,10 @@ async fn abandoned_writer_and_stale_temp_files_are_removed() {
     std::fs::write(dir.path().join("tmp").join("partial-1"), data(2, 1234)).unwrap();
     std::fs::write(dir.path().join("tmp").join("partial-2"), b"x").unwrap();
     let store = DiskStore::open(config(dir.path(), 0)).await.unwrap();
-    assert!(files_under(&dir.path().join("tmp")).is_empty(), "stale files still in tmp/");
+    assert!(
+        files_under(&dir.path().join("tmp")).is_empty(),
+        "stale files still in tmp/"
+    );
     store.quiesce().await;
     assert!(store.wait_until_indexed(INDEX_WAIT).await);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -506,14 +618,21 @@ async fn crash_leftovers_are_reconciled_at_open() {
     let orphan = data(3, 6000);
     let orphan_key = key_of(&orphan);
     std::fs::create_dir_all(fanout(&orphan_key)).unwrap();
-    std::fs::write(fanout(&orphan_key).join(format!("{}-6000", orphan_key.hash_hex())), &orphan).unwrap();
+    std::fs::write(
+        fanout(&orphan_key).join(format!("{}-6000", orphan_key.hash_hex())),
+        &orphan,
+    )
+    .unwrap();
     // A crash between renaming a new encoding in and unlinking the old one:
     // the newer file (zstd) must win.
     let z = codec::compress(&dup, 1).unwrap();
     let zpath = fanout(&dup_key).join(format!("{}-5000.zst", dup_key.hash_hex()));
     std::fs::write(&zpath, &z).unwrap();
     set_mtime(root, &dup_key, SystemTime::now() - Duration::from_secs(7200));
-    std::fs::File::open(&zpath).unwrap().set_modified(SystemTime::now()).unwrap();
+    std::fs::File::open(&zpath)
+        .unwrap()
+        .set_modified(SystemTime::now())
+        .unwrap();
     // Files the store would not have written.
     std::fs::write(fanout(&kept_key).join("garbage"), b"junk").unwrap();
     std::fs::write(root.join("blobs/sha256/stray"), b"junk").unwrap();
@@ -525,7 +644,13 @@ async fn crash_leftovers_are_reconciled_at_open() {
     store.quiesce().await;
     assert_eq!(get_identity(&store, &kept_key).await.unwrap(), kept);
     assert_eq!(get_identity(&store, &orphan_key).await.unwrap(), orphan);
-    assert_eq!(store.get(&dup_key).await.unwrap(), Some(Blob { encoding: Encoding::Zstd, data: z }));
+    assert_eq!(
+        store.get(&dup_key).await.unwrap(),
+        Some(Blob {
+            encoding: Encoding::Zstd,
+            data: z
+        })
+    );
     assert_eq!(store.stats().items, 3);
     assert_consistent(&store, root);
     assert!(files_under(&root.join("tmp")).is_empty());
@@ -557,7 +682,8 @@ async fn a_file_deleted_behind_the_store_is_forgotten() {
 #[ignore]
 async fn scan_one_million() {
     const N: u64 = 1_000_000;
-    let dir = tempfile::tempdir_in(std::env::var("KILN_SCAN_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var("KILN_SCAN_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
     let root = dir.path().to_path_buf();
     let created = Instant::now();
     let probe_key = tokio::task::spawn_blocking({
@@ -607,52 +733,76 @@ async fn scan_one_million() {
     println!("cleanup {:?}", removed.elapsed());
 }
 
-/// Streams a 256 MiB blob through a writer and reads it back. Run with
-/// `--ignored --nocapture`.
+/// Streams 256 MiB blobs through writers (in 64 KiB chunks, as ByteStream
+/// delivers them) and reads one back, next to a plain `std::fs::write`
+/// baseline. With `sync_writes` the figures are the disk's; without, the
+/// page cache's. Run with `--release --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn stream_256mib_throughput() {
     const LEN: usize = 256 << 20;
-    let dir = tempfile::tempdir_in(std::env::var("KILN_SCAN_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
-    let store = open_ready(dir.path(), 0).await;
-    let payload = data(42, LEN);
-    let key = key_of(&payload);
-    for chunk_size in [64 * 1024, 1 << 20] {
+    const CHUNK: usize = 64 * 1024;
+    let base = std::env::var("KILN_SCAN_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let mib_s = |el: Duration| 256.0 / el.as_secs_f64();
+    for sync in [true, false] {
+        let dir = tempfile::tempdir_in(&base).unwrap();
+        let payload = data(42 + sync as u64, LEN);
+        let t = Instant::now();
+        tokio::task::spawn_blocking({
+            let p = dir.path().join("direct");
+            let payload = payload.clone();
+            move || {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&p).unwrap();
+                f.write_all(&payload).unwrap();
+                if sync {
+                    f.sync_data().unwrap();
+                }
+            }
+        })
+        .await
+        .unwrap();
+        let el = t.elapsed();
+        println!(
+            "sync={sync}: baseline std write of 256 MiB: {el:?} ({:.0} MiB/s)",
+            mib_s(el)
+        );
+
+        let store = DiskStore::open(DiskConfig {
+            root: dir.path().join("store"),
+            capacity_bytes: 0,
+            sync_writes: sync,
+        })
+        .await
+        .unwrap();
+        assert!(store.wait_until_indexed(INDEX_WAIT).await);
+        let key = key_of(&payload);
         let t = Instant::now();
         let mut w = store.begin_write(&key, Encoding::Identity).await.unwrap();
-        let mut off = 0;
-        while off < LEN {
-            let end = (off + chunk_size).min(LEN);
-            w.write(payload.slice(off..end)).await.unwrap();
-            off = end;
+        for off in (0..LEN).step_by(CHUNK) {
+            w.write(payload.slice(off..(off + CHUNK).min(LEN))).await.unwrap();
         }
         w.commit().await.unwrap();
         let el = t.elapsed();
         println!(
-            "write 256 MiB in {} KiB chunks: {el:?} ({:.0} MiB/s)",
-            chunk_size / 1024,
-            256.0 / el.as_secs_f64()
+            "sync={sync}: DiskStore streamed write of 256 MiB: {el:?} ({:.0} MiB/s)",
+            mib_s(el)
         );
+
+        let t = Instant::now();
+        let read = store.read(&key, 0).await.unwrap().unwrap();
+        let n = read
+            .stream
+            .try_fold(0usize, |n, c| futures::future::ready(Ok(n + c.len())))
+            .await
+            .unwrap();
+        let el = t.elapsed();
+        assert_eq!(n, LEN);
+        println!(
+            "sync={sync}: DiskStore streamed read of 256 MiB: {el:?} ({:.0} MiB/s)",
+            mib_s(el)
+        );
+        drop(store);
+        tokio::task::spawn_blocking(move || drop(dir)).await.unwrap();
     }
-    let t = Instant::now();
-    let read = store.read(&key, 0).await.unwrap().unwrap();
-    let n = read
-        .stream
-        .try_fold(0usize, |n, c| futures::future::ready(Ok(n + c.len())))
-        .await
-        .unwrap();
-    let el = t.elapsed();
-    assert_eq!(n, LEN);
-    println!("read 256 MiB: {el:?} ({:.0} MiB/s)", 256.0 / el.as_secs_f64());
-    let t = Instant::now();
-    let direct = tokio::task::spawn_blocking({
-        let p = dir.path().join("direct");
-        let payload = payload.clone();
-        move || {
-            std::fs::write(&p, &payload).unwrap();
-        }
-    });
-    direct.await.unwrap();
-    let el = t.elapsed();
-    println!("baseline std::fs::write 256 MiB: {el:?} ({:.0} MiB/s)", 256.0 / el.as_secs_f64());
 }

@@ -64,10 +64,19 @@ impl Inner {
 
     /// Commits `len` bytes from `source` as the payload of `key`. Runs in
     /// a task of its own; the temp file is gone afterwards either way.
-    pub(super) async fn install(self: &Arc<Self>, key: &BlobKey, encoding: Encoding, source: Source, len: u64) -> StoreResult<()> {
+    pub(super) async fn install(
+        self: &Arc<Self>,
+        key: &BlobKey,
+        encoding: Encoding,
+        source: Source,
+        len: u64,
+    ) -> StoreResult<()> {
         let cap = self.config.capacity_bytes;
         let early = if cap != 0 && len > cap {
-            Err(StoreError::TooLarge { size: len, limit: cap })
+            Err(StoreError::TooLarge {
+                size: len,
+                limit: cap,
+            })
         } else {
             self.wait_writable().await
         };
@@ -84,11 +93,20 @@ impl Inner {
             let result = this.install_owned(key, encoding, source, len).await;
             let _ = tx.send(result);
         });
-        rx.await
-            .unwrap_or_else(|_| Err(StoreError::Internal("disk commit task ended without a result".into())))
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Internal(
+                "disk commit task ended without a result".into(),
+            ))
+        })
     }
 
-    async fn install_owned(&self, key: BlobKey, encoding: Encoding, source: Source, len: u64) -> StoreResult<()> {
+    async fn install_owned(
+        &self,
+        key: BlobKey,
+        encoding: Encoding,
+        source: Source,
+        len: u64,
+    ) -> StoreResult<()> {
         let tmp = match &source {
             Source::TmpFile(p) => p.clone(),
             Source::Bytes(_) => self.layout.new_tmp_path(),
@@ -139,12 +157,17 @@ impl Inner {
         .await;
         let result = match outcome {
             Ok((_, Ok(()))) => {
-                self.index.lock().finish_commit(slot, old, encoding, len, now_secs());
+                self.index
+                    .lock()
+                    .finish_commit(slot, old, encoding, len, now_secs());
                 Ok(())
             }
             Ok((old_on_disk, Err(e))) => {
                 self.index.lock().abort_commit(slot, old, old_on_disk, len);
-                Err(StoreError::io(format!("cannot store {key} in {}", self.layout.root().display()), e))
+                Err(StoreError::io(
+                    format!("cannot store {key} in {}", self.layout.root().display()),
+                    e,
+                ))
             }
             Err(e) => {
                 // The blocking task died; assume nothing changed on disk. A
@@ -164,7 +187,8 @@ impl Inner {
     }
 
     /// Counts `len` more bytes, evicting least-recently-used blobs first.
-    async fn reserve(&self, len: u64) -> StoreResult<()> {
+    /// `reserve(0)` trims the store down to its capacity.
+    pub(super) async fn reserve(&self, len: u64) -> StoreResult<()> {
         let cap = self.config.capacity_bytes;
         let deadline = Instant::now() + SPACE_WAIT;
         loop {
@@ -210,7 +234,10 @@ impl Inner {
                         Ok(()) => true,
                         Err(e) => {
                             if first_error.is_none() {
-                                first_error = Some(StoreError::io(format!("cannot evict {}", victim.key), clone_io(e)));
+                                first_error = Some(StoreError::io(
+                                    format!("cannot evict {}", victim.key),
+                                    clone_io(e),
+                                ));
                             }
                             false
                         }
@@ -222,9 +249,7 @@ impl Inner {
         }
         self.changed.notify_waiters();
         tracing::debug!(count = victims.len(), "evicted blobs from disk");
-        if let Err(e) = results {
-            return Err(e);
-        }
+        results?;
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),

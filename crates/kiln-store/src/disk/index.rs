@@ -24,8 +24,8 @@
 //! capacity. With no operation in flight, `used` equals the bytes on disk.
 
 use std::collections::HashSet;
-use std::hash::RandomState;
 use std::hash::BuildHasher;
+use std::hash::RandomState;
 
 use hashbrown::HashTable;
 use kiln_digest::BlobKey;
@@ -168,7 +168,9 @@ impl Default for Index {
 impl Index {
     fn find(&self, key: &BlobKey) -> Option<u32> {
         let hash = self.hasher.hash_one(key);
-        self.table.find(hash, |&i| self.nodes[i as usize].key == *key).copied()
+        self.table
+            .find(hash, |&i| self.nodes[i as usize].key == *key)
+            .copied()
     }
 
     fn node(&self, slot: u32) -> &Node {
@@ -302,7 +304,10 @@ impl Index {
     /// (key, encoding) of files that lost to another file of the same key
     /// (a crash between renaming a new encoding in and unlinking the old
     /// one); the caller deletes them. Only called before writes are allowed.
-    pub(crate) fn insert_scanned(&mut self, batch: impl IntoIterator<Item = Scanned>) -> Vec<(BlobKey, Encoding)> {
+    pub(crate) fn insert_scanned(
+        &mut self,
+        batch: impl IntoIterator<Item = Scanned>,
+    ) -> Vec<(BlobKey, Encoding)> {
         let mut losers = Vec::new();
         for s in batch {
             if let Some(slot) = self.find(&s.key) {
@@ -453,7 +458,14 @@ impl Index {
 
     /// Ends a successful commit: the new payload (`len` bytes, already
     /// reserved) replaced `old`, whose file is gone.
-    pub(crate) fn finish_commit(&mut self, slot: u32, old: Option<(Encoding, u64)>, encoding: Encoding, len: u64, now: u32) {
+    pub(crate) fn finish_commit(
+        &mut self,
+        slot: u32,
+        old: Option<(Encoding, u64)>,
+        encoding: Encoding,
+        len: u64,
+        now: u32,
+    ) {
         match old {
             Some((_, old_len)) => self.used = self.used.saturating_sub(old_len),
             None => self.items += 1,
@@ -472,7 +484,13 @@ impl Index {
 
     /// Ends a failed commit (the `len` reserved bytes are released).
     /// `old_on_disk` says whether the previous payload is still there.
-    pub(crate) fn abort_commit(&mut self, slot: u32, old: Option<(Encoding, u64)>, old_on_disk: bool, len: u64) {
+    pub(crate) fn abort_commit(
+        &mut self,
+        slot: u32,
+        old: Option<(Encoding, u64)>,
+        old_on_disk: bool,
+        len: u64,
+    ) {
         self.release(len);
         match old {
             Some(_) if old_on_disk => {
@@ -513,5 +531,146 @@ impl Index {
             evictions: self.evictions,
             oldest_use: (self.head != NIL).then(|| self.node(self.head).last_use),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_digest::DigestFunction;
+
+    use super::*;
+
+    fn key(i: u64) -> BlobKey {
+        BlobKey::of(DigestFunction::Sha256, &i.to_le_bytes())
+    }
+
+    fn ready() -> Index {
+        let mut index = Index::default();
+        index.finish_scan(0);
+        index
+    }
+
+    /// Commits `key` with `len` bytes (reservation included).
+    fn commit(index: &mut Index, k: &BlobKey, len: u64, now: u32) {
+        assert!(matches!(index.try_reserve(len, 0), Reserve::Done));
+        let Claim::Owned { slot, old } = index.claim(k) else {
+            panic!("busy")
+        };
+        index.finish_commit(slot, old, Encoding::Identity, len, now);
+    }
+
+    #[test]
+    fn eviction_picks_least_recently_used_and_skips_busy_keys() {
+        let mut index = ready();
+        for i in 0..4 {
+            commit(&mut index, &key(i), 10, i as u32);
+        }
+        // Use key 0: key 1 is now the oldest. Claim key 1: it is skipped.
+        assert!(index.lookup(&key(0), 10, 3600).is_some());
+        let Claim::Owned { slot, old } = index.claim(&key(1)) else {
+            panic!("busy")
+        };
+        assert!(matches!(index.claim(&key(1)), Claim::Busy));
+        let Reserve::Evict(victims) = index.try_reserve(15, 40) else {
+            panic!("expected victims")
+        };
+        let names: Vec<BlobKey> = victims.iter().map(|v| v.key.clone()).collect();
+        assert_eq!(names, vec![key(2), key(3)]);
+        // While the victims are being deleted, a second reservation waits.
+        assert!(matches!(index.try_reserve(15, 40), Reserve::Wait));
+        assert_eq!(
+            index.lookup(&key(2), 11, 3600).map(|f| f.state),
+            Some(NodeState::Deleting)
+        );
+        for v in &victims {
+            index.finish_delete(v, true);
+        }
+        assert!(matches!(index.try_reserve(15, 40), Reserve::Done));
+        // The reservation was for key 1's new payload, which replaces 10 bytes.
+        index.finish_commit(slot, old, Encoding::Zstd, 15, 12);
+        assert_eq!(index.counters().used, 25);
+        assert_eq!(index.counters().items, 2);
+        assert_eq!(index.counters().evictions, 2);
+    }
+
+    #[test]
+    fn failed_commits_restore_or_drop_the_old_payload() {
+        let mut index = ready();
+        commit(&mut index, &key(1), 10, 1);
+        commit(&mut index, &key(2), 20, 1);
+        // Old payload still on disk: back to idle.
+        assert!(matches!(index.try_reserve(7, 0), Reserve::Done));
+        let Claim::Owned { slot, old } = index.claim(&key(1)) else {
+            panic!("busy")
+        };
+        index.abort_commit(slot, old, true, 7);
+        assert_eq!(index.counters().used, 30);
+        assert!(index.lookup(&key(1), 2, 3600).is_some());
+        // Old payload removed before the failure: the key is gone.
+        assert!(matches!(index.try_reserve(7, 0), Reserve::Done));
+        let Claim::Owned { slot, old } = index.claim(&key(2)) else {
+            panic!("busy")
+        };
+        index.abort_commit(slot, old, false, 7);
+        assert_eq!((index.counters().used, index.counters().items), (10, 1));
+        assert!(index.lookup(&key(2), 2, 3600).is_none());
+        // A new key's failed first commit leaves nothing.
+        let Claim::Owned { slot, old } = index.claim(&key(3)) else {
+            panic!("busy")
+        };
+        assert!(index.lookup(&key(3), 2, 3600).is_none());
+        index.abort_commit(slot, old, true, 0);
+        assert!(matches!(index.claim(&key(3)), Claim::Owned { old: None, .. }));
+    }
+
+    #[test]
+    fn scan_merge_keeps_newest_encoding_and_orders_by_mtime() {
+        let mut index = Index::default();
+        let scanned = |i: u64, encoding, len, mtime| Scanned {
+            key: key(i),
+            encoding,
+            len,
+            mtime,
+        };
+        let losers = index.insert_scanned(vec![
+            scanned(1, Encoding::Identity, 100, 5),
+            scanned(2, Encoding::Identity, 10, 6),
+            scanned(1, Encoding::Zstd, 40, 7),
+            scanned(3, Encoding::Zstd, 1, 8),
+        ]);
+        assert_eq!(losers, vec![(key(1), Encoding::Identity)]);
+        assert!(!index.is_indexed());
+        // Used during the scan: becomes the most recent at the end.
+        assert!(index.lookup(&key(2), 9, 3600).is_some());
+        index.finish_scan(10);
+        assert_eq!(index.counters().used, 51);
+        assert_eq!(index.counters().items, 3);
+        let Reserve::Evict(v) = index.try_reserve(1, 51) else {
+            panic!("expected a victim")
+        };
+        assert_eq!(v[0].key, key(1));
+        assert_eq!(v[0].encoding, Encoding::Zstd);
+    }
+
+    #[test]
+    fn lookups_ask_for_an_mtime_refresh_once_per_interval() {
+        let mut index = ready();
+        commit(&mut index, &key(1), 1, 100);
+        assert!(!index.lookup(&key(1), 200, 3600).unwrap().bump_mtime);
+        assert!(index.lookup(&key(1), 4000, 3600).unwrap().bump_mtime);
+        assert!(!index.lookup(&key(1), 4001, 3600).unwrap().bump_mtime);
+        assert_eq!(index.counters().oldest_use, Some(4001));
+    }
+
+    #[test]
+    fn forgetting_a_missing_file_needs_the_same_generation() {
+        let mut index = ready();
+        commit(&mut index, &key(1), 5, 1);
+        let seen = index.lookup(&key(1), 2, 3600).unwrap().generation;
+        commit(&mut index, &key(1), 6, 3);
+        assert!(!index.forget_missing(&key(1), seen));
+        let now = index.lookup(&key(1), 4, 3600).unwrap().generation;
+        assert!(index.forget_missing(&key(1), now));
+        assert_eq!(index.counters().used, 0);
     }
 }

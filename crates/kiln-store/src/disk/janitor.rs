@@ -136,7 +136,9 @@ fn remove_stale_tmp(root: &Path) {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "deleted temp files of a previous run"
             ),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot delete stale temp directory"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete stale temp directory")
+            }
         }
     }
 }

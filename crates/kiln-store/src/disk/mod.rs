@@ -57,7 +57,9 @@ use self::commit::Source;
 use self::index::{Index, NodeState};
 use self::janitor::Janitor;
 use self::layout::Layout;
-use crate::{Blob, BlobRead, BlobWriter, ChunkStream, Encoding, Store, StoreError, StoreResult, StoreStats, task};
+use crate::{
+    Blob, BlobRead, BlobWriter, ChunkStream, Encoding, Store, StoreError, StoreResult, StoreStats, task,
+};
 
 /// A read bumps a blob file's mtime when it is older than this.
 pub const MTIME_REFRESH_SECS: u32 = 3600;
@@ -150,7 +152,12 @@ impl DiskStore {
             move || prepare(&layout)
         })
         .await?
-        .map_err(|e| StoreError::io(format!("cannot prepare disk store at {}", config.root.display()), e))?;
+        .map_err(|e| {
+            StoreError::io(
+                format!("cannot prepare disk store at {}", config.root.display()),
+                e,
+            )
+        })?;
         let janitor = Janitor::start();
         janitor.remove_stale_tmp(layout.root().to_path_buf());
         let inner = Arc::new(Inner {
@@ -288,7 +295,11 @@ fn file_stream(key: BlobKey, file: std::fs::File, remaining: u64) -> ChunkStream
 impl Store for DiskStore {
     fn describe(&self) -> String {
         let cap = self.inner.config.capacity_bytes;
-        let cap = if cap == 0 { "unbounded".to_string() } else { human_bytes(cap) };
+        let cap = if cap == 0 {
+            "unbounded".to_string()
+        } else {
+            human_bytes(cap)
+        };
         format!("disk({}, {cap})", self.inner.layout.root().display())
     }
 

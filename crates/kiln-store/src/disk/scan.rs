@@ -50,6 +50,10 @@ pub(super) async fn run(store: Weak<Inner>) {
     match outcome {
         Ok(Some((files, bytes, junk))) => {
             s.index.lock().finish_scan(now_secs());
+            // The capacity may have been lowered since the last run.
+            if let Err(e) = s.reserve(0).await {
+                tracing::error!(error = %e, "cannot trim the disk store to its capacity");
+            }
             s.phase.send_replace(Phase::Ready);
             tracing::info!(
                 root = %s.layout.root().display(),
@@ -102,7 +106,10 @@ async fn scan(store: &Weak<Inner>) -> Result<Option<(u64, u64, u64)>, String> {
     for found in futures::future::join_all(walks).await {
         let found = found.map_err(|e| e.to_string())?;
         if let Some(first) = found.errors.first() {
-            return Err(format!("{} errors while scanning, first: {first}", found.errors.len()));
+            return Err(format!(
+                "{} errors while scanning, first: {first}",
+                found.errors.len()
+            ));
         }
         if files.is_empty() {
             files = found.files;
@@ -168,7 +175,9 @@ fn list_fanout_dirs(blobs: &Path) -> io::Result<(Vec<FanoutDir>, Vec<PathBuf>)> 
                             path: sub.path(),
                         }),
                         _ if sub_ft.is_file() => junk.push(sub.path()),
-                        _ => tracing::warn!(path = %sub.path().display(), "ignoring unexpected entry in blob store"),
+                        _ => {
+                            tracing::warn!(path = %sub.path().display(), "ignoring unexpected entry in blob store")
+                        }
                     }
                 }
             }
@@ -180,7 +189,10 @@ fn list_fanout_dirs(blobs: &Path) -> io::Result<(Vec<FanoutDir>, Vec<PathBuf>)> 
 }
 
 fn is_fanout_name(name: &str) -> bool {
-    name.len() == 2 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 2
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn walk(dirs: Vec<FanoutDir>) -> Found {
@@ -190,7 +202,9 @@ fn walk(dirs: Vec<FanoutDir>) -> Found {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => {
-                found.errors.push(format!("cannot list {}: {e}", dir.path.display()));
+                found
+                    .errors
+                    .push(format!("cannot list {}: {e}", dir.path.display()));
                 continue;
             }
         };
@@ -198,7 +212,9 @@ fn walk(dirs: Vec<FanoutDir>) -> Found {
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(e) => {
-                    found.errors.push(format!("cannot list {}: {e}", dir.path.display()));
+                    found
+                        .errors
+                        .push(format!("cannot list {}: {e}", dir.path.display()));
                     break;
                 }
             };
@@ -209,7 +225,9 @@ fn walk(dirs: Vec<FanoutDir>) -> Found {
                     continue;
                 }
                 Err(e) => {
-                    found.errors.push(format!("cannot stat {}: {e}", entry.path().display()));
+                    found
+                        .errors
+                        .push(format!("cannot stat {}: {e}", entry.path().display()));
                     continue;
                 }
             }
@@ -225,7 +243,9 @@ fn walk(dirs: Vec<FanoutDir>) -> Found {
                 Ok(meta) => meta,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {
-                    found.errors.push(format!("cannot stat {}: {e}", entry.path().display()));
+                    found
+                        .errors
+                        .push(format!("cannot stat {}: {e}", entry.path().display()));
                     continue;
                 }
             };

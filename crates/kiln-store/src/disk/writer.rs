@@ -82,7 +82,10 @@ impl DiskWriter {
             Ok(Ok((file, Ok(())))) => Ok(file),
             Ok(Ok((_, Err(e)))) => Err(self.io_error(e)),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(StoreError::Internal(format!("write task of {} ended without a result", self.key))),
+            Err(_) => Err(StoreError::Internal(format!(
+                "write task of {} ended without a result",
+                self.key
+            ))),
         }
     }
 
@@ -109,12 +112,18 @@ impl DiskWriter {
 impl BlobWriter for DiskWriter {
     async fn write(&mut self, chunk: Bytes) -> StoreResult<()> {
         if self.finished {
-            return Err(StoreError::Internal(format!("writer of {} is already finished", self.key)));
+            return Err(StoreError::Internal(format!(
+                "writer of {} is already finished",
+                self.key
+            )));
         }
         let cap = self.inner.config.capacity_bytes;
         let total = self.written + chunk.len() as u64;
         if cap != 0 && total > cap {
-            return Err(StoreError::TooLarge { size: total, limit: cap });
+            return Err(StoreError::TooLarge {
+                size: total,
+                limit: cap,
+            });
         }
         if chunk.is_empty() {
             return Ok(());
@@ -130,7 +139,10 @@ impl BlobWriter for DiskWriter {
 
     async fn commit(mut self: Box<Self>) -> StoreResult<()> {
         if self.finished {
-            return Err(StoreError::Internal(format!("writer of {} is already finished", self.key)));
+            return Err(StoreError::Internal(format!(
+                "writer of {} is already finished",
+                self.key
+            )));
         }
         let mut file = self.take_file().await?;
         let batch = std::mem::take(&mut self.pending);
@@ -148,7 +160,12 @@ impl BlobWriter for DiskWriter {
         self.finished = true;
         let inner = Arc::clone(&self.inner);
         inner
-            .install(&self.key, self.encoding, Source::TmpFile(self.tmp.clone()), self.written)
+            .install(
+                &self.key,
+                self.encoding,
+                Source::TmpFile(self.tmp.clone()),
+                self.written,
+            )
             .await
     }
 }
