@@ -904,7 +904,11 @@ async fn throughput() {
     let key = sha256(&data);
     let name = upload_name("", &key);
     // The request messages are built before the clock starts.
-    let reqs = requests(&name, &data, MIB, 0, true);
+    let chunk = std::env::var("KILN_BENCH_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MIB);
+    let reqs = requests(&name, &data, chunk, 0, true);
     let gb = len as f64 / 1e9;
     let before = CpuSample::now();
     let t = Instant::now();
@@ -913,12 +917,16 @@ async fn throughput() {
     let cpu = CpuSample::now().since(&before);
     assert_eq!(resp.committed_size, len as i64);
     println!(
-        "write 1 x 256 MiB (windows: {windows}): {:.2} GB/s; server {:.2} CPU-s/GB, whole process {:.2}",
+        "write 1 x 256 MiB in {chunk}-byte messages (windows: {windows}): {:.2} GB/s; \
+         server {:.2} CPU-s/GB, whole process {:.2}",
         gb / secs,
         cpu.server / gb,
         cpu.process / gb
     );
 
+    if std::env::var("KILN_BENCH_WRITE_ONLY").is_ok() {
+        return;
+    }
     let conc = 4;
     let before = CpuSample::now();
     let t = Instant::now();

@@ -243,8 +243,12 @@ async fn missing_inputs_fail_with_precondition_failure() {
     want.sort();
     assert_eq!(got, want);
 
-    // Input root missing.
-    let spec = Spec::new("noroot");
+    // Input root missing (a non-empty one: the empty Directory is the
+    // empty blob, which is always present).
+    let spec = Spec {
+        files: vec![("c.txt".into(), b"ccc".to_vec())],
+        ..Spec::new("noroot")
+    };
     let built = build(&spec);
     for (d, data) in &built.blobs {
         if *d != built.root {

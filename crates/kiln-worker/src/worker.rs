@@ -161,10 +161,6 @@ impl Worker {
         ids
     }
 
-    fn running(&self) -> usize {
-        self.leases.lock().len()
-    }
-
     fn idle(&self) -> bool {
         self.leases.lock().is_empty() && self.outbox.lock().is_empty()
     }

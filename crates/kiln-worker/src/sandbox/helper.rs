@@ -229,17 +229,26 @@ impl Signals {
         Ok(Signals { term, wake: rx })
     }
 
-    /// Waits for a signal or until `timeout` (None: forever).
-    fn wait(&mut self, timeout: Option<Duration>) {
+    /// Waits for a signal, for `extra` to become readable, or until
+    /// `timeout` (None: forever). Returns whether `extra` is readable.
+    fn wait(&mut self, extra: Option<std::os::fd::BorrowedFd<'_>>, timeout: Option<Duration>) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let t = match timeout {
-            None => nix::poll::PollTimeout::NONE,
-            Some(d) => nix::poll::PollTimeout::try_from(d.as_millis().min(60_000) as i32)
-                .unwrap_or(nix::poll::PollTimeout::MAX),
+            None => PollTimeout::NONE,
+            Some(d) => PollTimeout::try_from(d.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX),
         };
-        let mut fds = [nix::poll::PollFd::new(self.wake.as_fd(), nix::poll::PollFlags::POLLIN)];
-        let _ = nix::poll::poll(&mut fds, t);
+        let mut fds = vec![PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
+        if let Some(fd) = extra {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        }
+        let _ = poll(&mut fds, t);
+        let extra_ready = fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR));
         let mut buf = [0u8; 64];
         while matches!(self.wake.read(&mut buf), Ok(n) if n > 0) {}
+        extra_ready
     }
 
     fn terminated(&self) -> bool {
@@ -249,8 +258,7 @@ impl Signals {
 
 fn run(a: &Args) -> Result<i32, String> {
     let dir = a.dir.as_ref().ok_or("run needs --dir")?;
-    // Open everything that needs the worker's privileges first.
-    let dir_handle = std::fs::File::open(dir).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+    // Open the holder's namespaces with the worker's privileges.
     let joined = match a.join {
         Some(pid) => {
             let user = std::fs::File::open(format!("/proc/{pid}/ns/user"))
@@ -261,22 +269,33 @@ fn run(a: &Args) -> Result<i32, String> {
         }
         None => None,
     };
-    drop_privileges(a)?;
-    let rest = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-    match &joined {
-        Some((user, net)) => {
-            setns(user.as_fd(), CloneFlags::CLONE_NEWUSER).map_err(errno("setns(user namespace)"))?;
-            setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(errno("setns(network namespace)"))?;
-            unshare(rest).map_err(errno("unshare(mount, pid, ipc, uts namespaces)"))?;
+    let rest = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    let enter = |extra: CloneFlags| -> Result<(), String> {
+        match &joined {
+            Some((user, net)) => {
+                setns(user.as_fd(), CloneFlags::CLONE_NEWUSER).map_err(errno("setns(user namespace)"))?;
+                setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(errno("setns(network namespace)"))?;
+                unshare(rest | extra).map_err(errno("unshare(mount, pid, ipc, uts namespaces)"))
+            }
+            None => new_user_namespace(rest | extra),
         }
-        None => new_user_namespace(rest)?,
+    };
+    if nix::unistd::geteuid().is_root() {
+        // Root sets the mounts up with its own privileges (the paths to
+        // the work directory may not be searchable by the sandbox user),
+        // then becomes the sandbox user and enters the other namespaces.
+        unshare(CloneFlags::CLONE_NEWNS).map_err(errno("unshare(mount namespace)"))?;
+        setup_mounts(a, dir)?;
+        drop_privileges(a)?;
+        enter(CloneFlags::empty())?;
+    } else {
+        enter(CloneFlags::CLONE_NEWNS)?;
+        setup_mounts(a, dir)?;
     }
     drop(joined);
     if let Some(h) = &a.hostname {
         nix::unistd::sethostname(h).map_err(errno("sethostname"))?;
     }
-    setup_mounts(a, dir, &dir_handle)?;
-    drop(dir_handle);
 
     let mut signals = Signals::install()?;
     let exe = std::env::current_exe().map_err(|e| format!("finding the helper executable: {e}"))?;
@@ -297,18 +316,10 @@ fn run(a: &Args) -> Result<i32, String> {
 
     // The worker closing our stdin (it exited or gave up) kills everything:
     // SIGKILL to PID 1 of the namespace takes every process in it down.
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
-        let mut stdin = std::io::stdin();
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        let _ = kill(init_pid, Signal::SIGKILL);
-    });
-
+    // (No helper thread: after unshare(CLONE_NEWPID) threads cannot be
+    // created, so stdin is polled with the signals.)
+    let stdin = std::io::stdin();
+    let mut stdin_open = true;
     let mut forwarded = false;
     loop {
         if let Some(status) = child.try_wait().map_err(|e| format!("waiting for the sandbox init: {e}"))? {
@@ -318,7 +329,18 @@ fn run(a: &Args) -> Result<i32, String> {
             forwarded = true;
             let _ = kill(init_pid, Signal::SIGTERM);
         }
-        signals.wait(None);
+        let watch = stdin_open.then(|| stdin.as_fd());
+        if signals.wait(watch, None) {
+            let mut buf = [0u8; 64];
+            match stdin.lock().read(&mut buf) {
+                Ok(n) if n > 0 => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => {
+                    stdin_open = false;
+                    let _ = kill(init_pid, Signal::SIGKILL);
+                }
+            }
+        }
     }
 }
 
@@ -335,9 +357,12 @@ fn exit_code_of(status: std::process::ExitStatus) -> i32 {
 /// the host), `--tmpfs` directories get an empty tmpfs, `--hide`
 /// directories (the worker's work and cache directories) are covered by an
 /// empty tmpfs, and the action's own directory is bound back at its path.
-fn setup_mounts(a: &Args, dir: &Path, dir_handle: &std::fs::File) -> Result<(), String> {
+fn setup_mounts(a: &Args, dir: &Path) -> Result<(), String> {
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(errno("making / private"))?;
+    // Opened in the new mount namespace (a bind source must belong to it),
+    // before anything covers it.
+    let dir_handle = std::fs::File::open(dir).map_err(|e| format!("opening {}: {e}", dir.display()))?;
     let mut covered: Vec<&Path> = Vec::new();
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     for t in &a.tmpfs {
@@ -358,7 +383,7 @@ fn setup_mounts(a: &Args, dir: &Path, dir_handle: &std::fs::File) -> Result<(), 
     }
     if covered.iter().any(|c| dir.starts_with(c)) {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {} in the sandbox: {e}", dir.display()))?;
-        let source = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(dir_handle));
+        let source = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_handle));
         mount(
             Some(source.as_str()),
             dir,
@@ -461,7 +486,7 @@ fn init(a: &Args) -> Result<i32, String> {
             Some(d) if !killed => Some(d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))),
             _ => None,
         };
-        signals.wait(timeout);
+        signals.wait(None, timeout);
     }
     // The command is done: nothing it started may outlive it.
     kill_all(Signal::SIGKILL);
