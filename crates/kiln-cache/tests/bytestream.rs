@@ -276,6 +276,9 @@ async fn missing_blob_is_not_found_and_empty_blob_always_exists() {
         "missing",
     );
     assert!(s.message().contains(&key.hash_hex()), "{}", s.message());
+    // Even when there is nothing to send (offset at the end).
+    let r = read(&mut c, &read_name("", &key), key.size() as i64, 0).await;
+    assert_code(r, Code::NotFound, "missing, offset at the end");
     let empty = BlobKey::empty(DigestFunction::Sha256);
     assert_eq!(read(&mut c, &read_name("", &empty), 0, 0).await.unwrap(), b"");
     let z = read(&mut c, &zstd_read_name("", &empty), 0, 0).await.unwrap();
@@ -843,13 +846,23 @@ impl BenchServer {
         let mut routes = tonic::service::RoutesBuilder::default();
         {
             let _enter = runtime.enter();
-            let instances = Arc::new(common::memory_instances(CacheLimits::default()));
+            let instances = if std::env::var("KILN_BENCH_NULL_STORE").is_ok() {
+                let null: Arc<dyn Store> = Arc::new(NullStore);
+                Instances::new([Instance::new("", null.clone(), null)], CacheLimits::default())
+            } else {
+                common::memory_instances(CacheLimits::default())
+            };
+            let instances = Arc::new(instances);
             kiln_cache::add_routes(&mut routes, instances);
         }
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+            // `Server::tcp_nodelay` does not apply to `serve_with_incoming`:
+            // the incoming stream must set it. Without it, Nagle delays the
+            // server's small WINDOW_UPDATE frames and writes crawl.
+            let nodelay = std::env::var("KILN_BENCH_NAGLE").is_err();
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(nodelay));
+            let mut builder = tonic::transport::Server::builder();
             if windows {
                 builder = builder
                     .initial_stream_window_size(16 << 20)
@@ -889,10 +902,55 @@ impl Drop for BenchServer {
     }
 }
 
+/// A store that keeps nothing: isolates the service's and transport's cost
+/// from a real store's (throughput test, writes only).
+struct NullStore;
+
+struct NullWriter;
+
+#[tonic::async_trait]
+impl BlobWriter for NullWriter {
+    async fn write(&mut self, _chunk: Bytes) -> StoreResult<()> {
+        Ok(())
+    }
+    async fn commit(self: Box<Self>) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Store for NullStore {
+    fn describe(&self) -> String {
+        "null".into()
+    }
+    async fn has_many(&self, keys: &[BlobKey]) -> StoreResult<Vec<bool>> {
+        Ok(vec![false; keys.len()])
+    }
+    async fn get(&self, _key: &BlobKey) -> StoreResult<Option<Blob>> {
+        Ok(None)
+    }
+    async fn read(&self, _key: &BlobKey, _offset: u64) -> StoreResult<Option<BlobRead>> {
+        Ok(None)
+    }
+    async fn put(&self, _key: &BlobKey, _blob: Blob) -> StoreResult<()> {
+        Ok(())
+    }
+    async fn begin_write(&self, _key: &BlobKey, _encoding: Encoding) -> StoreResult<Box<dyn BlobWriter>> {
+        Ok(Box::new(NullWriter))
+    }
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+}
+
 /// Throughput of one large write stream and of parallel reads, with the
 /// server's CPU time measured apart from the client's. Run with
 /// `cargo test --release -p kiln-cache --test bytestream throughput -- --ignored --nocapture`
-/// (`KILN_BENCH_WINDOWS=1` for large HTTP/2 windows).
+/// Knobs: `KILN_BENCH_WINDOWS=1` (16/32 MiB HTTP/2 windows),
+/// `KILN_BENCH_CHUNK=bytes` (write message size, default 1 MiB),
+/// `KILN_BENCH_NULL_STORE=1` (a store that keeps nothing),
+/// `KILN_BENCH_WRITE_ONLY=1`, `KILN_BENCH_NAGLE=1` (no TCP_NODELAY on the
+/// server's sockets, to see what that costs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput() {

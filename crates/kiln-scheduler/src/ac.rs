@@ -20,7 +20,9 @@ const INLINE_BUDGET: u64 = 4 << 20;
 pub async fn lookup(instance: &Instance, key: &BlobKey) -> SchedulerResult<Option<ActionResult>> {
     let Some(data) = codec::get_identity(instance.ac.as_ref(), key)
         .await
-        .map_err(SchedulerError::store(format!("reading the action cache entry of {key}")))?
+        .map_err(SchedulerError::store(format!(
+            "reading the action cache entry of {key}"
+        )))?
     else {
         return Ok(None);
     };
@@ -85,7 +87,9 @@ async fn put_cas(instance: &Instance, f: DigestFunction, data: &[u8]) -> Schedul
         .cas
         .put(&key, Blob::identity(Bytes::copy_from_slice(data)))
         .await
-        .map_err(SchedulerError::store(format!("storing inline output {key} in the CAS")))?;
+        .map_err(SchedulerError::store(format!(
+            "storing inline output {key} in the CAS"
+        )))?;
     Ok(key.to_digest())
 }
 
@@ -116,7 +120,9 @@ pub async fn write(instance: &Instance, key: &BlobKey, result: &ActionResult) ->
         .ac
         .put(key, Blob::identity(Bytes::from(stored.encode_to_vec())))
         .await
-        .map_err(SchedulerError::store(format!("writing the action cache entry of {key}")))
+        .map_err(SchedulerError::store(format!(
+            "writing the action cache entry of {key}"
+        )))
 }
 
 /// What a client asked to have inlined.
@@ -135,7 +141,13 @@ impl InlineRequest {
 
 /// Fills the raw fields asked for, for blobs of at most `max_blob` bytes,
 /// within a total budget. A blob that cannot be read is simply not inlined.
-pub async fn inline(instance: &Instance, f: DigestFunction, result: &mut ActionResult, req: &InlineRequest, max_blob: u64) {
+pub async fn inline(
+    instance: &Instance,
+    f: DigestFunction,
+    result: &mut ActionResult,
+    req: &InlineRequest,
+    max_blob: u64,
+) {
     let mut budget = INLINE_BUDGET;
     let mut fetch = async |d: Option<&Digest>| -> Option<Bytes> {
         let key = BlobKey::from_digest(f, d?).ok()?;

@@ -66,7 +66,7 @@ pub struct SchedulerConfig {
     /// Completed operations stay queryable this long. Default 5 min.
     #[serde(deserialize_with = "de_duration")]
     pub completed_retention: Duration,
-    /// At most this many completed operations are kept. Default 100000.
+    /// At most this many completed operations are kept. Default 10000.
     pub max_completed_operations: usize,
     /// Waiting this long raises an action's priority by one level (lower
     /// value = sooner), until it reaches the default priority 0, so
@@ -98,7 +98,7 @@ impl Default for SchedulerConfig {
             no_worker_wait: Duration::from_secs(30),
             unwatched_grace: Duration::from_secs(60),
             completed_retention: Duration::from_secs(300),
-            max_completed_operations: 100_000,
+            max_completed_operations: 10_000,
             aging_interval: Duration::from_secs(30),
             tick_interval: Duration::from_millis(100),
             max_wait_operation: Duration::from_secs(60),
@@ -141,7 +141,8 @@ impl SchedulerConfig {
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 #[cfg(test)]
@@ -169,7 +170,13 @@ mod tests {
     fn timeout_is_capped() {
         let c = SchedulerConfig::default();
         assert_eq!(c.effective_timeout(None), Duration::from_secs(900));
-        assert_eq!(c.effective_timeout(Some(Duration::from_secs(5))), Duration::from_secs(5));
-        assert_eq!(c.effective_timeout(Some(Duration::from_secs(99_999))), Duration::from_secs(3600));
+        assert_eq!(
+            c.effective_timeout(Some(Duration::from_secs(5))),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            c.effective_timeout(Some(Duration::from_secs(99_999))),
+            Duration::from_secs(3600)
+        );
     }
 }

@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use kiln_cache::CacheError;
 use kiln_digest::{BlobKey, DigestError};
-use kiln_proto::rpc_details::{PRECONDITION_FAILURE_TYPE_URL, PreconditionFailure, precondition_failure, to_any};
+use kiln_proto::rpc_details::{
+    PRECONDITION_FAILURE_TYPE_URL, PreconditionFailure, precondition_failure, to_any,
+};
 use kiln_store::StoreError;
 use prost::Message;
 use thiserror::Error;
@@ -74,7 +76,9 @@ impl SchedulerError {
                 StoreError::TooLarge { .. } => Code::InvalidArgument,
                 StoreError::Full(_) => Code::ResourceExhausted,
                 StoreError::Unavailable(_) => Code::Unavailable,
-                StoreError::Io { .. } | StoreError::Corrupt { .. } | StoreError::Internal(_) => Code::Internal,
+                StoreError::Io { .. } | StoreError::Corrupt { .. } | StoreError::Internal(_) => {
+                    Code::Internal
+                }
             },
             SchedulerError::Internal(_) => Code::Internal,
         }

@@ -105,7 +105,9 @@ pub(crate) fn follow(
             st.finished = true;
             if !st.inline.is_empty() {
                 let mut view = (*view).clone();
-                st.scheduler.inline_into(&st.instance_name, &mut view, &st.inline).await;
+                st.scheduler
+                    .inline_into(&st.instance_name, &mut view, &st.inline)
+                    .await;
                 return Some((Ok(to_operation(&view)), st));
             }
         }
@@ -118,11 +120,16 @@ impl Execution for ExecutionService {
     type ExecuteStream = OperationStream;
     type WaitExecutionStream = OperationStream;
 
-    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<Self::ExecuteStream>, Status> {
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
         let invocation = invocation_id(&request);
         let req = request.into_inner();
         match self.scheduler.execute(&req, invocation).await? {
-            ExecStart::Cached(op) => Ok(Response::new(Box::pin(futures::stream::once(async move { Ok(*op) })))),
+            ExecStart::Cached(op) => Ok(Response::new(Box::pin(futures::stream::once(
+                async move { Ok(*op) },
+            )))),
             ExecStart::Watch(watch) => Ok(Response::new(follow(
                 self.scheduler.clone(),
                 req.instance_name.clone(),
@@ -137,7 +144,12 @@ impl Execution for ExecutionService {
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
         let name = request.into_inner().name;
-        let Some(watch) = self.scheduler.state.watch(&name, std::time::SystemTime::now()).await else {
+        let Some(watch) = self
+            .scheduler
+            .state
+            .watch(&name, std::time::SystemTime::now())
+            .await
+        else {
             return Err(Status::not_found(format!("operation {name:?} not found")));
         };
         Ok(Response::new(follow(

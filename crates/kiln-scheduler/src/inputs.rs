@@ -31,11 +31,13 @@ pub struct DirListing {
     pub files: Vec<BlobKey>,
 }
 
+type Generation = HashMap<BlobKey, Arc<DirListing>>;
+
 /// Bounded cache of decoded directories: two generations of at most
 /// `per_generation` entries; a hit in the old generation is promoted.
 pub struct DirCache {
     per_generation: usize,
-    inner: Mutex<(HashMap<BlobKey, Arc<DirListing>>, HashMap<BlobKey, Arc<DirListing>>)>,
+    inner: Mutex<(Generation, Generation)>,
 }
 
 impl DirCache {
@@ -61,13 +63,7 @@ impl DirCache {
         self.insert_locked(&mut g, key, v);
     }
 
-    #[allow(clippy::type_complexity)]
-    fn insert_locked(
-        &self,
-        g: &mut (HashMap<BlobKey, Arc<DirListing>>, HashMap<BlobKey, Arc<DirListing>>),
-        key: BlobKey,
-        v: Arc<DirListing>,
-    ) {
+    fn insert_locked(&self, g: &mut (Generation, Generation), key: BlobKey, v: Arc<DirListing>) {
         if g.0.len() >= self.per_generation {
             g.1 = std::mem::take(&mut g.0);
         }
@@ -80,7 +76,12 @@ fn key_of(f: DigestFunction, d: Option<&kiln_proto::reapi::Digest>, what: &str) 
 }
 
 /// Reads a small blob as plain bytes, `None` if absent.
-async fn read_small(cas: &dyn Store, key: &BlobKey, limit: u64, what: &str) -> SchedulerResult<Option<bytes::Bytes>> {
+async fn read_small(
+    cas: &dyn Store,
+    key: &BlobKey,
+    limit: u64,
+    what: &str,
+) -> SchedulerResult<Option<bytes::Bytes>> {
     if key.size() > limit {
         return Err(SchedulerError::InvalidArgument(format!(
             "{what} {key} is {} bytes, more than the {limit} bytes the scheduler reads",
@@ -92,13 +93,18 @@ async fn read_small(cas: &dyn Store, key: &BlobKey, limit: u64, what: &str) -> S
     }
     codec::get_identity(cas, key)
         .await
-        .map_err(SchedulerError::store(format!("reading {what} {key} from the CAS")))
+        .map_err(SchedulerError::store(format!(
+            "reading {what} {key} from the CAS"
+        )))
 }
 
 /// Reads and decodes the Action; MISSING if absent.
 pub async fn load_action(instance: &Instance, key: &BlobKey, limit: u64) -> SchedulerResult<Action> {
     let Some(data) = read_small(instance.cas.as_ref(), key, limit, "action").await? else {
-        return Err(SchedulerError::missing("the action is not in the CAS", std::slice::from_ref(key)));
+        return Err(SchedulerError::missing(
+            "the action is not in the CAS",
+            std::slice::from_ref(key),
+        ));
     };
     Action::decode(data)
         .map_err(|e| SchedulerError::InvalidArgument(format!("action {key} is not a valid Action: {e}")))
@@ -141,11 +147,15 @@ pub async fn load_inputs(
         );
     }
     if !missing.is_empty() {
-        return Err(SchedulerError::missing("inputs of the action are missing", &missing));
+        return Err(SchedulerError::missing(
+            "inputs of the action are missing",
+            &missing,
+        ));
     }
     let data = command.unwrap_or_default();
-    Command::decode(data)
-        .map_err(|e| SchedulerError::InvalidArgument(format!("command {command_key} is not a valid Command: {e}")))
+    Command::decode(data).map_err(|e| {
+        SchedulerError::InvalidArgument(format!("command {command_key} is not a valid Command: {e}"))
+    })
 }
 
 /// Walks the tree under `root`. Returns (directories found missing while
@@ -194,7 +204,9 @@ async fn walk_tree(
                 continue;
             };
             let dir = Directory::decode(data).map_err(|e| {
-                SchedulerError::InvalidArgument(format!("input directory {key} is not a valid Directory: {e}"))
+                SchedulerError::InvalidArgument(format!(
+                    "input directory {key} is not a valid Directory: {e}"
+                ))
             })?;
             let listing = Arc::new(listing_of(f, &dir, &key)?);
             dirs.insert(key, listing.clone());
@@ -216,14 +228,18 @@ async fn walk_tree(
 fn listing_of(f: DigestFunction, dir: &Directory, key: &BlobKey) -> SchedulerResult<DirListing> {
     let mut listing = DirListing::default();
     for d in &dir.directories {
-        listing
-            .dirs
-            .push(key_of(f, d.digest.as_ref(), &format!("directory {key} entry {:?}", d.name))?);
+        listing.dirs.push(key_of(
+            f,
+            d.digest.as_ref(),
+            &format!("directory {key} entry {:?}", d.name),
+        )?);
     }
     for file in &dir.files {
-        listing
-            .files
-            .push(key_of(f, file.digest.as_ref(), &format!("directory {key} file {:?}", file.name))?);
+        listing.files.push(key_of(
+            f,
+            file.digest.as_ref(),
+            &format!("directory {key} file {:?}", file.name),
+        )?);
     }
     Ok(listing)
 }

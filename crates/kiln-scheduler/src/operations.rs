@@ -10,7 +10,8 @@ use tonic::Code;
 
 use crate::state::OperationView;
 
-pub const EXECUTE_RESPONSE_TYPE_URL: &str = "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
+pub const EXECUTE_RESPONSE_TYPE_URL: &str =
+    "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
 pub const EXECUTE_METADATA_TYPE_URL: &str =
     "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
 
@@ -103,7 +104,12 @@ mod tests {
         assert!(!op.done && op.result.is_none());
         let md = op.metadata.unwrap();
         assert_eq!(md.type_url, EXECUTE_METADATA_TYPE_URL);
-        assert_eq!(ExecuteOperationMetadata::decode(md.value.as_slice()).unwrap().stage, Stage::Queued as i32);
+        assert_eq!(
+            ExecuteOperationMetadata::decode(md.value.as_slice())
+                .unwrap()
+                .stage,
+            Stage::Queued as i32
+        );
         view.stage = Stage::Completed;
         view.response = Some(ExecuteResponse {
             cached_result: true,
@@ -115,14 +121,21 @@ mod tests {
             panic!("no response")
         };
         assert_eq!(any.type_url, EXECUTE_RESPONSE_TYPE_URL);
-        assert!(ExecuteResponse::decode(any.value.as_slice()).unwrap().cached_result);
+        assert!(
+            ExecuteResponse::decode(any.value.as_slice())
+                .unwrap()
+                .cached_result
+        );
     }
 
     #[test]
     fn durations() {
         let d = Duration::from_millis(1500);
         assert_eq!(from_proto_duration(Some(&to_proto_duration(d))), Some(d));
-        let neg = protobuf::Duration { seconds: -1, nanos: 0 };
+        let neg = protobuf::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
         assert_eq!(from_proto_duration(Some(&neg)), None);
     }
 }

@@ -52,7 +52,9 @@ impl Operations for OperationsService {
     ) -> Result<Response<ListOperationsResponse>, Status> {
         let req = request.into_inner();
         if !req.filter.is_empty() {
-            return Err(Status::invalid_argument("ListOperations filters are not supported"));
+            return Err(Status::invalid_argument(
+                "ListOperations filters are not supported",
+            ));
         }
         let page_size = match req.page_size {
             n if n <= 0 => DEFAULT_PAGE_SIZE,
@@ -66,7 +68,10 @@ impl Operations for OperationsService {
         }))
     }
 
-    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
         let name = request.into_inner().name;
         match self.scheduler.state.get(&name, SystemTime::now()).await {
             Some(view) => Ok(Response::new(to_operation(&view))),
@@ -74,14 +79,20 @@ impl Operations for OperationsService {
         }
     }
 
-    async fn delete_operation(&self, request: Request<DeleteOperationRequest>) -> Result<Response<Empty>, Status> {
+    async fn delete_operation(
+        &self,
+        request: Request<DeleteOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let name = request.into_inner().name;
         let effects = self.scheduler.state.delete(&name, SystemTime::now()).await?;
         self.scheduler.deliver(effects).await;
         Ok(Response::new(Empty {}))
     }
 
-    async fn cancel_operation(&self, request: Request<CancelOperationRequest>) -> Result<Response<Empty>, Status> {
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let name = request.into_inner().name;
         let effects = self
             .scheduler
@@ -92,7 +103,10 @@ impl Operations for OperationsService {
         Ok(Response::new(Empty {}))
     }
 
-    async fn wait_operation(&self, request: Request<WaitOperationRequest>) -> Result<Response<Operation>, Status> {
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
         let req = request.into_inner();
         let max = self.scheduler.config.max_wait_operation;
         let wait = from_proto_duration(req.timeout.as_ref())

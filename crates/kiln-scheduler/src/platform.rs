@@ -159,7 +159,10 @@ pub fn unsatisfiable_reason<'a>(
             let offered = if offered.is_empty() {
                 "no worker has that property".to_string()
             } else {
-                format!("workers offer {k}={}", offered.into_iter().collect::<Vec<_>>().join("|"))
+                format!(
+                    "workers offer {k}={}",
+                    offered.into_iter().collect::<Vec<_>>().join("|")
+                )
             };
             return Some(format!(
                 "no registered worker satisfies platform property {k}={v} ({offered})"
@@ -174,7 +177,9 @@ pub fn unsatisfiable_reason<'a>(
             ));
         }
     }
-    Some(format!("no single registered worker satisfies all platform properties {req}"))
+    Some(format!(
+        "no single registered worker satisfies all platform properties {req}"
+    ))
 }
 
 #[cfg(test)]
@@ -242,6 +247,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(deprecated)]
     fn command_platform_fallback() {
         let cmd = Command {
             platform: Some(Platform {

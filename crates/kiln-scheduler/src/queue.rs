@@ -9,9 +9,9 @@
 //!   default. Waiting one `aging_interval` improves an action's effective
 //!   priority by one level, down to `min(priority, 0)`: a low-priority action
 //!   eventually competes as a default one, while aging never lets an old
-//!   default-priority action overtake a high-priority one. Within one
-//!   invocation, entries are ordered by `priority * aging + enqueued_at`,
-//!   which orders them by effective priority at any time without re-keying.
+//!   default-priority action overtake a high-priority one. Each invocation
+//!   keeps one FIFO per priority value; its candidate is the FIFO head with
+//!   the best effective priority (then the oldest).
 //! * **Fair share.** Among the invocations (RequestMetadata.tool_invocation_id)
 //!   whose heads share the best effective priority, the one with the fewest
 //!   actions running wins, then the one served least recently, then the
@@ -41,12 +41,16 @@ pub struct QueueEntry {
 pub struct QueuePos {
     pub class: Arc<Requirements>,
     pub invocation: Arc<str>,
-    key: (i64, u64),
+    /// (priority, enqueued_ms, sequence).
+    key: (i32, i64, u64),
 }
+
+/// One invocation's entries: a FIFO per priority value.
+type PerPriority = BTreeMap<i32, BTreeMap<(i64, u64), QueueEntry>>;
 
 #[derive(Default)]
 struct ClassQueue {
-    by_invocation: HashMap<Arc<str>, BTreeMap<(i64, u64), QueueEntry>>,
+    by_invocation: HashMap<Arc<str>, PerPriority>,
     len: usize,
     unsatisfiable_since: Option<SystemTime>,
 }
@@ -70,7 +74,9 @@ pub struct ReadyQueue {
 impl ReadyQueue {
     pub fn new(aging_interval: std::time::Duration) -> Self {
         ReadyQueue {
-            aging_ms: i64::try_from(aging_interval.as_millis()).unwrap_or(i64::MAX).max(1),
+            aging_ms: i64::try_from(aging_interval.as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1),
             classes: HashMap::new(),
             invocations: HashMap::new(),
             seq: 0,
@@ -90,16 +96,22 @@ impl ReadyQueue {
     /// Queues an entry; returns its position for [`Self::remove`].
     pub fn push(&mut self, class: Arc<Requirements>, invocation: Arc<str>, entry: QueueEntry) -> QueuePos {
         self.seq += 1;
-        let order = i64::from(entry.priority)
-            .saturating_mul(self.aging_ms)
-            .saturating_add(entry.enqueued_ms);
-        let key = (order, self.seq);
+        let key = (entry.priority, entry.enqueued_ms, self.seq);
         let cq = self.classes.entry(class.clone()).or_default();
-        cq.by_invocation.entry(invocation.clone()).or_default().insert(key, entry);
+        cq.by_invocation
+            .entry(invocation.clone())
+            .or_default()
+            .entry(key.0)
+            .or_default()
+            .insert((key.1, key.2), entry);
         cq.len += 1;
         self.len += 1;
         self.invocations.entry(invocation.clone()).or_default().queued += 1;
-        QueuePos { class, invocation, key }
+        QueuePos {
+            class,
+            invocation,
+            key,
+        }
     }
 
     /// Removes a queued entry (cancelled or failed); false if not queued.
@@ -110,8 +122,14 @@ impl ReadyQueue {
         let Some(q) = cq.by_invocation.get_mut(&pos.invocation) else {
             return false;
         };
-        if q.remove(&pos.key).is_none() {
+        let Some(fifo) = q.get_mut(&pos.key.0) else {
             return false;
+        };
+        if fifo.remove(&(pos.key.1, pos.key.2)).is_none() {
+            return false;
+        }
+        if fifo.is_empty() {
+            q.remove(&pos.key.0);
         }
         if q.is_empty() {
             cq.by_invocation.remove(&pos.invocation);
@@ -147,34 +165,44 @@ impl ReadyQueue {
         now_ms: i64,
         mut fits: impl FnMut(&Requirements) -> bool,
     ) -> Option<(QueueEntry, Arc<Requirements>, Arc<str>)> {
-        type Score = (i64, usize, u64, (i64, u64));
-        let mut best: Option<(Score, Arc<Requirements>, Arc<str>)> = None;
+        // (effective level, running, last served, enqueued, sequence).
+        type Score = (i64, usize, u64, i64, u64);
+        let mut best: Option<(Score, i32, Arc<Requirements>, Arc<str>)> = None;
         for (class, cq) in &self.classes {
             if cq.len == 0 || !fits(class) {
                 continue;
             }
             for (inv, q) in &cq.by_invocation {
-                let Some((key, head)) = q.first_key_value() else {
-                    continue;
-                };
                 let stats = self.invocations.get(inv).copied().unwrap_or_default();
-                let score = (self.effective_level(head, now_ms), stats.running, stats.last_served, *key);
-                if best.as_ref().is_none_or(|(s, _, _)| score < *s) {
-                    best = Some((score, class.clone(), inv.clone()));
+                for (priority, fifo) in q {
+                    let Some((&(enq, seq), head)) = fifo.first_key_value() else {
+                        continue;
+                    };
+                    let score = (
+                        self.effective_level(head, now_ms),
+                        stats.running,
+                        stats.last_served,
+                        enq,
+                        seq,
+                    );
+                    if best.as_ref().is_none_or(|(s, ..)| score < *s) {
+                        best = Some((score, *priority, class.clone(), inv.clone()));
+                    }
                 }
             }
         }
-        let (score, class, inv) = best?;
+        let (score, priority, class, inv) = best?;
         let pos = QueuePos {
             class: class.clone(),
             invocation: inv.clone(),
-            key: score.3,
+            key: (priority, score.3, score.4),
         };
         let entry = self
             .classes
             .get(&class)
             .and_then(|cq| cq.by_invocation.get(&inv))
-            .and_then(|q| q.get(&pos.key))
+            .and_then(|q| q.get(&priority))
+            .and_then(|fifo| fifo.get(&(score.3, score.4)))
             .copied()?;
         self.remove(&pos);
         self.serve_seq += 1;
@@ -218,7 +246,7 @@ impl ReadyQueue {
         };
         let mut out = Vec::with_capacity(cq.len);
         for (inv, q) in cq.by_invocation {
-            for e in q.into_values() {
+            for e in q.into_values().flat_map(|fifo| fifo.into_values()) {
                 out.push(e);
                 self.len -= 1;
                 self.dec_queued(&inv);
@@ -264,8 +292,8 @@ mod tests {
         q.push(c.clone(), inv.clone(), entry(2, 0, 35));
         q.push(c.clone(), inv.clone(), entry(3, -1, 40));
         // At t=40 job 1 has aged 4 levels: effective 0, not below, so job 3
-        // (-1) still goes first; job 1 then counts as a priority-0 action
-        // queued at 3 * 10 ms, before job 2.
+        // (-1) still goes first; then job 1 competes as a priority-0 action
+        // and is older than job 2.
         let order: Vec<_> = std::iter::from_fn(|| q.pick(40, |_| true).map(|(e, _, _)| e.job)).collect();
         assert_eq!(order, vec![3, 1, 2]);
     }
@@ -303,8 +331,8 @@ mod tests {
         let inv: Arc<str> = Arc::from("");
         let p = q.push(win.clone(), inv.clone(), entry(1, 0, 0));
         q.push(linux.clone(), inv.clone(), entry(2, 0, 1));
-        assert_eq!(q.pick(5, |r| **r == *linux).map(|(e, _, _)| e.job), Some(2));
-        assert!(q.pick(5, |r| **r == *linux).is_none());
+        assert_eq!(q.pick(5, |r| *r == *linux).map(|(e, _, _)| e.job), Some(2));
+        assert!(q.pick(5, |r| *r == *linux).is_none());
         assert!(q.remove(&p));
         assert!(!q.remove(&p));
         assert!(q.is_empty());

@@ -111,7 +111,11 @@ impl Scheduler {
     /// full priority range.
     pub fn execution_capabilities(&self, instance_name: &str) -> Option<ExecutionCapabilities> {
         let instance = self.instances.get(instance_name).ok()?;
-        let functions: Vec<i32> = instance.digest_functions.iter().map(|f| f.to_proto() as i32).collect();
+        let functions: Vec<i32> = instance
+            .digest_functions
+            .iter()
+            .map(|f| f.to_proto() as i32)
+            .collect();
         Some(ExecutionCapabilities {
             digest_function: instance
                 .digest_functions
@@ -150,21 +154,37 @@ impl Scheduler {
                 return;
             }
             let mut next = Effects::default();
-            for (worker, cmd) in std::mem::take(&mut pending.commands) {
-                let tx = self.conns.lock().get(&worker).map(|c| c.tx.clone());
-                let lease = match &cmd.command {
+            for out in std::mem::take(&mut pending.commands) {
+                let tx = self
+                    .conns
+                    .lock()
+                    .get(&out.worker)
+                    .filter(|c| c.id == out.conn)
+                    .map(|c| c.tx.clone());
+                let lease = match &out.command.command {
                     Some(scheduler_command::Command::Assign(a)) => Some(a.lease_id.clone()),
                     _ => None,
                 };
-                let sent = tx.is_some_and(|tx| tx.send(cmd).is_ok());
+                let sent = tx.is_some_and(|tx| tx.send(out.command).is_ok());
                 if !sent && let Some(lease) = lease {
-                    tracing::debug!(%worker, %lease, "assignment undeliverable; re-queuing");
-                    next.extend(self.state.assign_undeliverable(&worker, &lease, SystemTime::now()).await);
+                    tracing::debug!(worker = %out.worker, %lease, "assignment undeliverable; re-queuing");
+                    let now = SystemTime::now();
+                    next.extend(
+                        self.state
+                            .assign_undeliverable(&out.worker, out.conn, &lease, now)
+                            .await,
+                    );
                 }
             }
-            for worker in std::mem::take(&mut pending.close) {
-                let conn = self.conns.lock().remove(&worker);
-                drop(conn);
+            for (worker, conn) in std::mem::take(&mut pending.close) {
+                let removed = {
+                    let mut conns = self.conns.lock();
+                    match conns.get(&worker) {
+                        Some(c) if c.id == conn => conns.remove(&worker),
+                        _ => None,
+                    }
+                };
+                drop(removed);
             }
             pending = next;
         }
@@ -174,7 +194,11 @@ impl Scheduler {
     }
 
     /// Starts an Execute: cache lookup, validation, submission.
-    pub(crate) async fn execute(&self, req: &ExecuteRequest, invocation_id: String) -> SchedulerResult<ExecStart> {
+    pub(crate) async fn execute(
+        &self,
+        req: &ExecuteRequest,
+        invocation_id: String,
+    ) -> SchedulerResult<ExecStart> {
         let instance = self.instances.get(&req.instance_name)?.clone();
         let digest = req
             .action_digest
@@ -188,7 +212,14 @@ impl Scheduler {
             && let Some(mut result) = ac::lookup(&instance, &key).await?
         {
             if !inline.is_empty() {
-                ac::inline(&instance, f, &mut result, &inline, self.instances.limits().max_inline_bytes).await;
+                ac::inline(
+                    &instance,
+                    f,
+                    &mut result,
+                    &inline,
+                    self.instances.limits().max_inline_bytes,
+                )
+                .await;
             }
             let view = OperationView {
                 name: format!("operations/{}", uuid::Uuid::new_v4()),
@@ -238,7 +269,12 @@ impl Scheduler {
     }
 
     /// Inlines what the request asked for into a completed operation's result.
-    pub(crate) async fn inline_into(&self, instance_name: &str, view: &mut OperationView, req: &InlineRequest) {
+    pub(crate) async fn inline_into(
+        &self,
+        instance_name: &str,
+        view: &mut OperationView,
+        req: &InlineRequest,
+    ) {
         if req.is_empty() {
             return;
         }
@@ -247,7 +283,14 @@ impl Scheduler {
         };
         let instance: &Instance = instance;
         if let Some(result) = view.response.as_mut().and_then(|r| r.result.as_mut()) {
-            ac::inline(instance, view.digest_function, result, req, self.instances.limits().max_inline_bytes).await;
+            ac::inline(
+                instance,
+                view.digest_function,
+                result,
+                req,
+                self.instances.limits().max_inline_bytes,
+            )
+            .await;
         }
     }
 }

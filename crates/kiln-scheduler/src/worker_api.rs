@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 use futures::{Stream, StreamExt};
 use kiln_proto::worker::worker_api_server::WorkerApi;
 use kiln_proto::worker::{
-    Finished, PROTOCOL_VERSION, Register, Registered, SchedulerCommand, WorkerUpdate, scheduler_command, worker_update,
+    Finished, PROTOCOL_VERSION, Register, Registered, SchedulerCommand, WorkerUpdate, scheduler_command,
+    worker_update,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -55,7 +56,10 @@ fn validate(reg: &Register) -> Result<(), Status> {
 impl WorkerApi for WorkerApiService {
     type ConnectStream = CommandStream;
 
-    async fn session(&self, request: Request<Streaming<WorkerUpdate>>) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerUpdate>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -64,7 +68,11 @@ impl WorkerApi for WorkerApiService {
             Some(WorkerUpdate {
                 update: Some(worker_update::Update::Register(r)),
             }) => r,
-            _ => return Err(Status::invalid_argument("the first message of a worker stream must be Register")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a worker stream must be Register",
+                ));
+            }
         };
         validate(&reg)?;
         let s = &self.scheduler;
@@ -98,7 +106,10 @@ impl WorkerApi for WorkerApiService {
             slots: reg.slots,
             running_leases: reg.running_leases,
         };
-        let effects = s.state.register_worker(registration, conn_id, SystemTime::now()).await;
+        let effects = s
+            .state
+            .register_worker(registration, conn_id, SystemTime::now())
+            .await;
         s.deliver(effects).await;
 
         let scheduler = s.clone();
@@ -142,7 +153,10 @@ async fn read_loop(
         }
     }
     tracing::info!(%worker, "worker stream closed");
-    let effects = s.state.worker_disconnected(&worker, conn, SystemTime::now()).await;
+    let effects = s
+        .state
+        .worker_disconnected(&worker, conn, SystemTime::now())
+        .await;
     s.deliver(effects).await;
 }
 
@@ -173,7 +187,15 @@ async fn handle(s: &Arc<Scheduler>, worker: &str, conn: ConnId, update: worker_u
 /// Writes a successful cacheable result to the Action Cache, then completes
 /// the lease's operations (the AC entry exists before clients hear of it).
 async fn finished(s: &Arc<Scheduler>, worker: &str, conn: ConnId, f: Finished) -> crate::state::Effects {
-    let response = f.response.unwrap_or_default();
+    let mut response = f.response.unwrap_or_default();
+    if response.result.is_none() && response.status.as_ref().is_none_or(|s| s.code == 0) {
+        tracing::warn!(%worker, lease = %f.lease_id, "Finished without a result or an error status");
+        response.status = Some(kiln_proto::rpc::Status {
+            code: tonic::Code::Internal as i32,
+            message: format!("worker {worker} reported no result for the action"),
+            details: Vec::new(),
+        });
+    }
     if let Some(info) = s.state.lease_info(worker, &f.lease_id).await
         && info.cacheable
         && ac::cacheable_response(&response)

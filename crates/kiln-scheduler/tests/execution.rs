@@ -22,7 +22,10 @@ async fn executes_on_worker_and_caches_success() {
     assert!(!first.done);
     let a = w.next_assign().await;
     assert_eq!(a.action_digest.as_ref(), Some(&action));
-    assert!(a.action.is_some() && a.command.is_some(), "Assign carries Action and Command");
+    assert!(
+        a.action.is_some() && a.command.is_some(),
+        "Assign carries Action and Command"
+    );
     assert_eq!(a.attempt, 1);
     assert!(a.queued_at.is_some());
     w.finish(&h, &a.lease_id, 0, "hello").await;
@@ -37,7 +40,10 @@ async fn executes_on_worker_and_caches_success() {
     let op = next_op(&mut s).await;
     assert!(op.done);
     assert!(response(&op).cached_result);
-    assert!(w.next_command(Duration::from_millis(200)).await.is_none(), "no second Assign");
+    assert!(
+        w.next_command(Duration::from_millis(200)).await.is_none(),
+        "no second Assign"
+    );
 }
 
 #[tokio::test]
@@ -62,7 +68,10 @@ async fn cache_hit_returns_cached_result_at_once() {
     let r = response(&op);
     assert!(r.cached_result);
     assert_eq!(r.result.unwrap().exit_code, 0);
-    assert!(s.message().await.unwrap().is_none(), "stream ends after COMPLETED");
+    assert!(
+        s.message().await.unwrap().is_none(),
+        "stream ends after COMPLETED"
+    );
 }
 
 #[tokio::test]
@@ -96,7 +105,10 @@ async fn identical_concurrent_executes_run_once() {
     let mut s3 = h.execute(&action).await;
     let op2 = next_op(&mut s2).await;
     assert_eq!(stage(&op2), 3, "joined operation reports EXECUTING");
-    assert!(w.next_command(Duration::from_millis(200)).await.is_none(), "only one Assign");
+    assert!(
+        w.next_command(Duration::from_millis(200)).await.is_none(),
+        "only one Assign"
+    );
     w.finish(&h, &a.lease_id, 0, "once").await;
     let mut names = std::collections::HashSet::new();
     for s in [&mut s1, &mut s2, &mut s3] {
@@ -219,11 +231,17 @@ async fn missing_inputs_fail_with_precondition_failure() {
     let built = build(&spec);
     let err = h.execute_with(&built.action, false, 0, "").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert_eq!(violations(&err), vec![("MISSING".to_string(), subject(&built.action))]);
+    assert_eq!(
+        violations(&err),
+        vec![("MISSING".to_string(), subject(&built.action))]
+    );
 
     // Action present; command and two input files missing.
     let spec = Spec {
-        files: vec![("a.txt".into(), b"aaa".to_vec()), ("b.txt".into(), b"bbb".to_vec())],
+        files: vec![
+            ("a.txt".into(), b"aaa".to_vec()),
+            ("b.txt".into(), b"bbb".to_vec()),
+        ],
         ..Spec::new("partial")
     };
     let built = build(&spec);
@@ -256,7 +274,10 @@ async fn missing_inputs_fail_with_precondition_failure() {
         }
     }
     let err = h.execute_with(&built.action, false, 0, "").await.unwrap_err();
-    assert_eq!(violations(&err), vec![("MISSING".to_string(), subject(&built.root))]);
+    assert_eq!(
+        violations(&err),
+        vec![("MISSING".to_string(), subject(&built.root))]
+    );
 }
 
 #[tokio::test]
@@ -268,7 +289,10 @@ async fn worker_reported_missing_input_reaches_execute_response() {
     let a = w.next_assign().await;
     let failure = kiln_scheduler::SchedulerError::missing(
         "input vanished",
-        &[kiln_digest::BlobKey::of(kiln_digest::DigestFunction::Sha256, b"x")],
+        &[kiln_digest::BlobKey::of(
+            kiln_digest::DigestFunction::Sha256,
+            b"x",
+        )],
     );
     w.finish_with(
         &a.lease_id,
@@ -359,7 +383,9 @@ async fn wait_execution_after_client_disconnect() {
         .into_inner();
     assert!(list.operations.iter().any(|o| o.name == name));
     let err = client
-        .wait_execution(WaitExecutionRequest { name: "unknown".into() })
+        .wait_execution(WaitExecutionRequest {
+            name: "unknown".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -383,4 +409,57 @@ async fn unwatched_operation_is_cancelled_after_grace() {
         Some(scheduler_command::Command::Cancel(c)) => assert_eq!(c.lease_id, a.lease_id),
         other => panic!("expected Cancel of the abandoned action, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn wait_operation_and_delete_operation() {
+    use kiln_proto::longrunning::{DeleteOperationRequest, WaitOperationRequest};
+    let h = start(fast_config()).await;
+    let mut w = FakeWorker::connect(&h, "w1", &[], 2).await;
+    // WaitOperation returns the current state at its timeout, then the
+    // completed operation once done.
+    let action = h.upload(&Spec::new("waited")).await;
+    let mut s = h.execute(&action).await;
+    let name = next_op(&mut s).await.name;
+    let a = w.next_assign().await;
+    let wait = move |timeout_ms: i32| WaitOperationRequest {
+        name: name.clone(),
+        timeout: Some(kiln_proto::protobuf::Duration {
+            seconds: 0,
+            nanos: timeout_ms * 1_000_000,
+        }),
+    };
+    let op = h
+        .ops_client()
+        .wait_operation(wait(100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!op.done);
+    let mut ops = h.ops_client();
+    let waiter = tokio::spawn(async move { ops.wait_operation(wait(900)).await });
+    w.finish(&h, &a.lease_id, 0, "").await;
+    let op = waiter.await.unwrap().unwrap().into_inner();
+    assert!(op.done);
+    assert_eq!(response(&op).status.unwrap_or_default().code, 0);
+
+    // DeleteOperation of a running action stops it and forgets the name.
+    let action = h.upload(&Spec::new("deleted")).await;
+    let mut s = h.execute(&action).await;
+    let name = next_op(&mut s).await.name;
+    let a = w.next_assign().await;
+    h.ops_client()
+        .delete_operation(DeleteOperationRequest { name: name.clone() })
+        .await
+        .unwrap();
+    match w.next_command(WAIT).await {
+        Some(scheduler_command::Command::Cancel(c)) => assert_eq!(c.lease_id, a.lease_id),
+        other => panic!("expected Cancel, got {other:?}"),
+    }
+    let err = h
+        .ops_client()
+        .get_operation(GetOperationRequest { name })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 }

@@ -24,7 +24,10 @@ async fn unsatisfiable_platform_fails_fast_naming_the_property() {
         platform: vec![("OSFamily", "windows".into())],
         ..Spec::new("win")
     };
-    let err = h.execute_with(&h.upload(&spec).await, false, 0, "").await.unwrap_err();
+    let err = h
+        .execute_with(&h.upload(&spec).await, false, 0, "")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("OSFamily=windows"), "{}", err.message());
     // Buck2 style: the platform only on the Command.
@@ -33,7 +36,10 @@ async fn unsatisfiable_platform_fails_fast_naming_the_property() {
         platform_on_command: true,
         ..Spec::new("big")
     };
-    let err = h.execute_with(&h.upload(&spec).await, false, 0, "").await.unwrap_err();
+    let err = h
+        .execute_with(&h.upload(&spec).await, false, 0, "")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("cores=16"), "{}", err.message());
     assert!(t.elapsed() < Duration::from_secs(2), "must fail promptly");
@@ -48,7 +54,10 @@ async fn unsatisfiable_platform_fails_fast_naming_the_property() {
         platform: vec![("cores", "lots".into())],
         ..Spec::new("bad")
     };
-    let err = h.execute_with(&h.upload(&spec).await, false, 0, "").await.unwrap_err();
+    let err = h
+        .execute_with(&h.upload(&spec).await, false, 0, "")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
@@ -66,7 +75,13 @@ async fn without_workers_waits_a_bounded_time() {
     assert_eq!(r.status.unwrap().code, Code::FailedPrecondition as i32);
     assert!(t.elapsed() >= Duration::from_millis(300));
     assert!(t.elapsed() < Duration::from_secs(5));
-    // A worker that arrives during the wait gets the action.
+    // A worker that arrives during the wait gets the action (a longer wait,
+    // so that a slow machine does not turn this into the case above).
+    let h = start(SchedulerConfig {
+        no_worker_wait: Duration::from_secs(20),
+        ..fast_config()
+    })
+    .await;
     let action = h.upload(&Spec::new("patient")).await;
     let mut s = h.execute(&action).await;
     let mut w = FakeWorker::connect(&h, "late", &[], 1).await;
@@ -133,7 +148,11 @@ async fn priority_order_with_one_slot() {
     w.finish(&h, &ab.lease_id, 0, "").await;
     for (p, want) in by_priority {
         let a = w.next_assign().await;
-        assert_eq!(a.action_digest.as_ref(), Some(&want), "priority {p} expected next");
+        assert_eq!(
+            a.action_digest.as_ref(),
+            Some(&want),
+            "priority {p} expected next"
+        );
         w.finish(&h, &a.lease_id, 0, "").await;
     }
 }

@@ -690,14 +690,14 @@ async fn scan_one_million() {
         let root = root.clone();
         move || {
             let mut probe = None;
+            for b in 0..=255u8 {
+                std::fs::create_dir_all(root.join("blobs/sha256").join(format!("{b:02x}"))).unwrap();
+            }
             for i in 0..N {
                 let d = i.to_le_bytes();
                 let key = key_of(&d);
                 let hash = key.hash_hex();
                 let fan = root.join("blobs/sha256").join(&hash[..2]);
-                if i < 256 * 2 {
-                    std::fs::create_dir_all(&fan).unwrap();
-                }
                 std::fs::write(fan.join(format!("{hash}-8")), d).unwrap();
                 if i == N / 2 {
                     probe = Some((key, d));

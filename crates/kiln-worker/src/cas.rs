@@ -261,9 +261,8 @@ impl InstanceCas {
                     "BatchReadBlobs returned {key} compressed although no compressor was accepted"
                 )));
             }
-            key.verify(&r.data).map_err(|e| {
-                WorkerError::Internal(format!("CAS returned corrupt content for {key}: {e}"))
-            })?;
+            key.verify(&r.data)
+                .map_err(|e| WorkerError::Internal(format!("CAS returned corrupt content for {key}: {e}")))?;
             out.push((key, BatchBlob::Found(Bytes::from(r.data))));
         }
         if let Some(key) = wanted.into_keys().next() {
@@ -402,7 +401,11 @@ impl InstanceCas {
         loop {
             let end = (offset + WRITE_CHUNK).min(total);
             chunks.push(WriteRequest {
-                resource_name: if offset == 0 { resource.clone() } else { String::new() },
+                resource_name: if offset == 0 {
+                    resource.clone()
+                } else {
+                    String::new()
+                },
                 write_offset: offset as i64,
                 finish_write: end == total,
                 data: data.slice(offset..end).to_vec(),
@@ -440,7 +443,11 @@ impl InstanceCas {
             let next = offset + n as u64;
             let finish = next >= size || n == 0;
             let req = WriteRequest {
-                resource_name: if offset == 0 { resource.clone() } else { String::new() },
+                resource_name: if offset == 0 {
+                    resource.clone()
+                } else {
+                    String::new()
+                },
                 write_offset: offset as i64,
                 finish_write: finish,
                 data: buf,

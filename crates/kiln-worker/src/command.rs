@@ -20,7 +20,9 @@ pub struct CheckedCommand {
 /// Checks `command`.
 pub fn check(command: &Command) -> WorkerResult<CheckedCommand> {
     if command.arguments.is_empty() || command.arguments[0].is_empty() {
-        return Err(WorkerError::invalid("the command has no program (arguments is empty)"));
+        return Err(WorkerError::invalid(
+            "the command has no program (arguments is empty)",
+        ));
     }
     if command.arguments.iter().any(|a| a.contains('\0')) {
         return Err(WorkerError::invalid("a command argument contains NUL"));
@@ -76,10 +78,7 @@ pub fn check(command: &Command) -> WorkerResult<CheckedCommand> {
     Ok(CheckedCommand {
         argv: command.arguments.clone(),
         env,
-        layout: OutputLayout {
-            working_dir,
-            outputs,
-        },
+        layout: OutputLayout { working_dir, outputs },
     })
 }
 

@@ -68,9 +68,7 @@ impl WorkerError {
     pub fn code(&self) -> Code {
         match self {
             WorkerError::InvalidArgument(_) => Code::InvalidArgument,
-            WorkerError::MissingBlobs(_) | WorkerError::FailedPrecondition(_) => {
-                Code::FailedPrecondition
-            }
+            WorkerError::MissingBlobs(_) | WorkerError::FailedPrecondition(_) => Code::FailedPrecondition,
             WorkerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             WorkerError::Cancelled(_) => Code::Cancelled,
             WorkerError::Cas { status, .. } => match status.code() {
@@ -81,9 +79,7 @@ impl WorkerError {
                 other => other,
             },
             WorkerError::ResourceExhausted(_) => Code::ResourceExhausted,
-            WorkerError::Sandbox(_) | WorkerError::Io { .. } | WorkerError::Internal(_) => {
-                Code::Internal
-            }
+            WorkerError::Sandbox(_) | WorkerError::Io { .. } | WorkerError::Internal(_) => Code::Internal,
         }
     }
 

@@ -10,7 +10,9 @@ use std::time::Duration;
 use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::protobuf::Timestamp;
 use kiln_proto::reapi::command::OutputDirectoryFormat;
-use kiln_proto::reapi::{Action, ActionResult, Command, Digest, ExecuteResponse, ExecutedActionMetadata, Platform};
+use kiln_proto::reapi::{
+    Action, ActionResult, Command, Digest, ExecuteResponse, ExecutedActionMetadata, Platform,
+};
 use kiln_store::task;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -65,7 +67,8 @@ impl Executor {
         config.validate().map_err(WorkerError::InvalidArgument)?;
         let work = config.work_dir.clone();
         let cache = config.cache_dir.clone();
-        let (work_dir, cache_dir) = task::blocking("worker-dirs", move || prepare_dirs(&work, &cache)).await??;
+        let (work_dir, cache_dir) =
+            task::blocking("worker-dirs", move || prepare_dirs(&work, &cache)).await??;
         config.work_dir = work_dir.clone();
         config.cache_dir = cache_dir.clone();
         let local = LocalCas::open(cache_dir, config.cache_capacity_bytes).await?;
@@ -133,13 +136,22 @@ impl Executor {
                 ExecuteResponse {
                     result: Some(result),
                     cached_result: false,
-                    message: if timed_out { status.message.clone() } else { String::new() },
+                    message: if timed_out {
+                        status.message.clone()
+                    } else {
+                        String::new()
+                    },
                     status: Some(status),
                     server_logs: Default::default(),
                 }
             }
             Err(e) => {
-                if !matches!(e, WorkerError::Cancelled(_) | WorkerError::InvalidArgument(_) | WorkerError::MissingBlobs(_)) {
+                if !matches!(
+                    e,
+                    WorkerError::Cancelled(_)
+                        | WorkerError::InvalidArgument(_)
+                        | WorkerError::MissingBlobs(_)
+                ) {
                     tracing::warn!(error = %e, action = %job.action_digest.hash, "action failed");
                 }
                 let status = e.to_rpc_status();
@@ -183,7 +195,9 @@ impl Executor {
         let parents = materialize::output_parents(&tree, &checked.layout)?;
         drop(tree);
         if cancel.is_cancelled() {
-            return Err(WorkerError::Cancelled("cancelled before inputs were fetched".into()));
+            return Err(WorkerError::Cancelled(
+                "cancelled before inputs were fetched".into(),
+            ));
         }
         let pins = tokio::select! {
             p = self.local.ensure(&cas, plan.blobs(), self.config.cas_concurrency) => p?,
@@ -193,7 +207,19 @@ impl Executor {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let action_dir = self.work_dir.join(format!("a{n}"));
         let r = self
-            .run_in_dir(job, cancel, md, &cas, &action_dir, plan, parents, &pins, checked, network, format)
+            .run_in_dir(
+                job,
+                cancel,
+                md,
+                &cas,
+                &action_dir,
+                plan,
+                parents,
+                &pins,
+                checked,
+                network,
+                format,
+            )
             .await;
         drop(pins);
         let dir = action_dir.clone();
@@ -230,17 +256,21 @@ impl Executor {
                 std::fs::create_dir(&action_dir)
                     .map_err(WorkerError::io(format!("creating {}", action_dir.display())))?;
                 if let Some(o) = owner {
-                    std::os::unix::fs::lchown(&action_dir, Some(o.uid), Some(o.gid))
-                        .map_err(WorkerError::io("handing the action directory to the sandbox user"))?;
+                    std::os::unix::fs::lchown(&action_dir, Some(o.uid), Some(o.gid)).map_err(
+                        WorkerError::io("handing the action directory to the sandbox user"),
+                    )?;
                 }
-                std::fs::create_dir(&exec_root).map_err(WorkerError::io(format!("creating {}", exec_root.display())))?;
+                std::fs::create_dir(&exec_root)
+                    .map_err(WorkerError::io(format!("creating {}", exec_root.display())))?;
                 materialize::materialize(&exec_root, &plan, |k| local.path_of(k), &parents, owner)
             })
             .await??;
         }
         md.input_fetch_completed_timestamp = Some(now());
         if cancel.is_cancelled() {
-            return Err(WorkerError::Cancelled("cancelled before the command started".into()));
+            return Err(WorkerError::Cancelled(
+                "cancelled before the command started".into(),
+            ));
         }
 
         let spec = RunSpec {
@@ -313,7 +343,11 @@ fn resource_usage(outcome: &RunOutcome) -> ResourceUsage {
 
 /// Digest, upload and inline copy (when at most `inline` bytes) of a
 /// stdout/stderr file; a missing file is empty.
-fn stdio_blob(function: DigestFunction, path: &Path, inline: u64) -> WorkerResult<(BlobKey, Option<Upload>, Vec<u8>)> {
+fn stdio_blob(
+    function: DigestFunction,
+    path: &Path,
+    inline: u64,
+) -> WorkerResult<(BlobKey, Option<Upload>, Vec<u8>)> {
     if !path.exists() {
         return Ok((BlobKey::empty(function), None, Vec::new()));
     }
@@ -333,8 +367,10 @@ fn prepare_dirs(work: &Path, cache: &Path) -> WorkerResult<(PathBuf, PathBuf)> {
     }
     std::fs::create_dir_all(work).map_err(WorkerError::io(format!("creating {}", work.display())))?;
     std::fs::create_dir_all(cache).map_err(WorkerError::io(format!("creating {}", cache.display())))?;
-    let work = std::fs::canonicalize(work).map_err(WorkerError::io(format!("resolving {}", work.display())))?;
-    let cache = std::fs::canonicalize(cache).map_err(WorkerError::io(format!("resolving {}", cache.display())))?;
+    let work =
+        std::fs::canonicalize(work).map_err(WorkerError::io(format!("resolving {}", work.display())))?;
+    let cache =
+        std::fs::canonicalize(cache).map_err(WorkerError::io(format!("resolving {}", cache.display())))?;
     if cache.starts_with(&work) || work.starts_with(&cache) {
         return Err(WorkerError::InvalidArgument(
             "worker.work_dir and worker.cache_dir must not contain each other".into(),
@@ -342,8 +378,12 @@ fn prepare_dirs(work: &Path, cache: &Path) -> WorkerResult<(PathBuf, PathBuf)> {
     }
     use std::os::unix::fs::MetadataExt;
     let (wd, cd) = (
-        std::fs::metadata(&work).map_err(WorkerError::io("stat of the work directory"))?.dev(),
-        std::fs::metadata(&cache).map_err(WorkerError::io("stat of the cache directory"))?.dev(),
+        std::fs::metadata(&work)
+            .map_err(WorkerError::io("stat of the work directory"))?
+            .dev(),
+        std::fs::metadata(&cache)
+            .map_err(WorkerError::io("stat of the cache directory"))?
+            .dev(),
     );
     if wd != cd {
         tracing::warn!(

@@ -208,7 +208,10 @@ impl Pins {
                 }
             }
         }
-        tracing::warn!(count = n, "inputs were modified in place by an action; dropped from the local cache");
+        tracing::warn!(
+            count = n,
+            "inputs were modified in place by an action; dropped from the local cache"
+        );
         task::blocking("local-cas-drop", move || {
             for (_, path) in bad {
                 let _ = std::fs::remove_file(path);
@@ -218,6 +221,9 @@ impl Pins {
         Ok(n)
     }
 }
+
+/// A fetch in flight: what it got and which blobs the CAS lacks.
+type FetchJob<'a> = futures::future::BoxFuture<'a, WorkerResult<(Fetched, Vec<BlobKey>)>>;
 
 /// What one fetch job produces.
 enum Fetched {
@@ -422,12 +428,13 @@ impl LocalCas {
         }
         let (small, large): (Vec<BlobKey>, Vec<BlobKey>) =
             variants.keys().cloned().partition(|k| cas.fits_batch(k.size()));
-        let mut jobs: Vec<futures::future::BoxFuture<'_, WorkerResult<(Fetched, Vec<BlobKey>)>>> = Vec::new();
+        let mut jobs: Vec<FetchJob<'_>> = Vec::new();
         for batch in cas.batches(small.iter()) {
             jobs.push(Box::pin(async move {
                 let mut found = Vec::new();
                 let mut missing = Vec::new();
-                let without_empty: Vec<BlobKey> = batch.iter().filter(|k| !k.is_empty_blob()).cloned().collect();
+                let without_empty: Vec<BlobKey> =
+                    batch.iter().filter(|k| !k.is_empty_blob()).cloned().collect();
                 for k in batch.iter().filter(|k| k.is_empty_blob()) {
                     found.push((k.clone(), Bytes::new()));
                 }
@@ -617,7 +624,8 @@ enum Source {
 fn write_blob_file(tmp_dir: &Path, tmp: &Path, dest: &Path, src: &Source, mode: u32) -> WorkerResult<i64> {
     let staged: &Path = match src {
         Source::Bytes(data) => {
-            std::fs::create_dir_all(tmp_dir).map_err(WorkerError::io("creating the cache's tmp directory"))?;
+            std::fs::create_dir_all(tmp_dir)
+                .map_err(WorkerError::io("creating the cache's tmp directory"))?;
             std::fs::write(tmp, data).map_err(WorkerError::io(format!("writing {}", tmp.display())))?;
             tmp
         }
@@ -627,13 +635,15 @@ fn write_blob_file(tmp_dir: &Path, tmp: &Path, dest: &Path, src: &Source, mode: 
             tmp
         }
     };
-    std::fs::set_permissions(staged, std::fs::Permissions::from_mode(mode))
-        .map_err(WorkerError::io(format!("setting the mode of {}", staged.display())))?;
+    std::fs::set_permissions(staged, std::fs::Permissions::from_mode(mode)).map_err(WorkerError::io(
+        format!("setting the mode of {}", staged.display()),
+    ))?;
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(WorkerError::io(format!("creating {}", parent.display())))?;
     }
     std::fs::rename(staged, dest).map_err(WorkerError::io(format!("renaming into {}", dest.display())))?;
-    let m = std::fs::symlink_metadata(dest).map_err(WorkerError::io(format!("stat of {}", dest.display())))?;
+    let m =
+        std::fs::symlink_metadata(dest).map_err(WorkerError::io(format!("stat of {}", dest.display())))?;
     Ok(m.mtime() * 1_000_000_000 + m.mtime_nsec())
 }
 

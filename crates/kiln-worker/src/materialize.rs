@@ -117,7 +117,10 @@ pub fn materialize(
 ) -> WorkerResult<()> {
     for d in &plan.directories {
         let p = d.on_disk(exec_root);
-        std::fs::create_dir(&p).map_err(WorkerError::io(format!("creating input directory {}", p.display())))?;
+        std::fs::create_dir(&p).map_err(WorkerError::io(format!(
+            "creating input directory {}",
+            p.display()
+        )))?;
     }
     for (path, key) in &plan.files {
         let dest = path.on_disk(exec_root);
@@ -126,8 +129,10 @@ pub fn materialize(
     }
     for (path, target) in &plan.symlinks {
         let dest = path.on_disk(exec_root);
-        std::os::unix::fs::symlink(target, &dest)
-            .map_err(WorkerError::io(format!("creating input symlink {}", dest.display())))?;
+        std::os::unix::fs::symlink(target, &dest).map_err(WorkerError::io(format!(
+            "creating input symlink {}",
+            dest.display()
+        )))?;
     }
     for d in extra_dirs {
         create_dirs_no_follow(exec_root, d)?;
@@ -146,8 +151,10 @@ pub fn materialize(
 }
 
 fn chown_dir(p: &Path, o: Owner) -> WorkerResult<()> {
-    std::os::unix::fs::lchown(p, Some(o.uid), Some(o.gid))
-        .map_err(WorkerError::io(format!("handing {} to the sandbox user", p.display())))
+    std::os::unix::fs::lchown(p, Some(o.uid), Some(o.gid)).map_err(WorkerError::io(format!(
+        "handing {} to the sandbox user",
+        p.display()
+    )))
 }
 
 /// Creates `rel` under `root` component by component, refusing to pass

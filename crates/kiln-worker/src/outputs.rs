@@ -22,8 +22,8 @@ use bytes::Bytes;
 use kiln_digest::{BlobKey, DigestFunction, Hasher};
 use kiln_proto::reapi::command::OutputDirectoryFormat;
 use kiln_proto::reapi::{
-    ActionResult, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile, OutputSymlink, SymlinkNode,
-    Tree,
+    ActionResult, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile, OutputSymlink,
+    SymlinkNode, Tree,
 };
 use prost::Message;
 
@@ -118,7 +118,9 @@ fn find(root: &Path, rel: &RelPath) -> WorkerResult<Found> {
         let meta = match std::fs::symlink_metadata(&p) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Missing),
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTDIR as i32) => return Ok(Found::Missing),
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTDIR as i32) => {
+                return Ok(Found::Missing);
+            }
             Err(e) => return Err(WorkerError::io(format!("stat of output {}", p.display()))(e)),
         };
         let last = i + 1 == n;
@@ -131,11 +133,11 @@ fn find(root: &Path, rel: &RelPath) -> WorkerResult<Found> {
             continue;
         }
         if ft.is_symlink() {
-            let target = std::fs::read_link(&p).map_err(WorkerError::io(format!("reading symlink {}", p.display())))?;
-            let target = target
-                .into_os_string()
-                .into_string()
-                .map_err(|_| WorkerError::FailedPrecondition(format!("symlink {} has a non-UTF-8 target", p.display())))?;
+            let target = std::fs::read_link(&p)
+                .map_err(WorkerError::io(format!("reading symlink {}", p.display())))?;
+            let target = target.into_os_string().into_string().map_err(|_| {
+                WorkerError::FailedPrecondition(format!("symlink {} has a non-UTF-8 target", p.display()))
+            })?;
             return Ok(Found::Symlink(target));
         }
         if ft.is_file() {
@@ -167,7 +169,9 @@ impl TreeBuilder {
             )));
         }
         let mut entries: Vec<(String, std::fs::FileType, PathBuf)> = Vec::new();
-        for e in std::fs::read_dir(path).map_err(WorkerError::io(format!("reading output {}", path.display())))? {
+        for e in
+            std::fs::read_dir(path).map_err(WorkerError::io(format!("reading output {}", path.display())))?
+        {
             let e = e.map_err(WorkerError::io(format!("reading output {}", path.display())))?;
             let name = e.file_name().into_string().map_err(|n| {
                 WorkerError::FailedPrecondition(format!(
@@ -175,14 +179,17 @@ impl TreeBuilder {
                     path.display()
                 ))
             })?;
-            let ft = e.file_type().map_err(WorkerError::io(format!("stat of {}", e.path().display())))?;
+            let ft = e
+                .file_type()
+                .map_err(WorkerError::io(format!("stat of {}", e.path().display())))?;
             entries.push((name, ft, e.path()));
         }
         entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         let mut d = Directory::default();
         for (name, ft, p) in entries {
             if ft.is_symlink() {
-                let target = std::fs::read_link(&p).map_err(WorkerError::io(format!("reading symlink {}", p.display())))?;
+                let target = std::fs::read_link(&p)
+                    .map_err(WorkerError::io(format!("reading symlink {}", p.display())))?;
                 let target = target.into_os_string().into_string().map_err(|_| {
                     WorkerError::FailedPrecondition(format!("symlink {} has a non-UTF-8 target", p.display()))
                 })?;
@@ -314,7 +321,8 @@ pub fn collect(
                 let tree_bytes = tree.encode_to_vec();
                 let tree_key = BlobKey::of(function, &tree_bytes);
                 c.uploads.append(&mut b.uploads);
-                c.uploads.push(Upload::Bytes(tree_key.clone(), Bytes::from(tree_bytes)));
+                c.uploads
+                    .push(Upload::Bytes(tree_key.clone(), Bytes::from(tree_bytes)));
                 c.result.output_directories.push(OutputDirectory {
                     path: o.declared.clone(),
                     tree_digest: Some(tree_key.to_digest()),

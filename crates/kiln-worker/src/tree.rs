@@ -251,7 +251,8 @@ impl InputTree {
             let d = self.dir(&k)?;
             for f in &d.files {
                 let key = BlobKey::from_opt_digest(self.function, f.digest.as_ref())?;
-                plan.files.push((path.child(&f.name), CacheKey::new(key, f.is_executable)));
+                plan.files
+                    .push((path.child(&f.name), CacheKey::new(key, f.is_executable)));
             }
             for s in &d.symlinks {
                 plan.symlinks.push((path.child(&s.name), s.target.clone()));
@@ -289,7 +290,12 @@ impl InputTree {
 }
 
 /// Checks one Directory's entries.
-fn validate_directory(d: &Directory, function: DigestFunction, allow_absolute: bool, key: &BlobKey) -> WorkerResult<()> {
+fn validate_directory(
+    d: &Directory,
+    function: DigestFunction,
+    allow_absolute: bool,
+    key: &BlobKey,
+) -> WorkerResult<()> {
     let mut names: HashSet<&str> = HashSet::new();
     let entries = d
         .files

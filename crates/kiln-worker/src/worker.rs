@@ -198,12 +198,20 @@ impl Worker {
         Heartbeat {
             running_leases: running,
             load: load / f64::from(self.slots.max(1)),
-            free_slots: if self.draining.load(Ordering::SeqCst) { 0 } else { free },
+            free_slots: if self.draining.load(Ordering::SeqCst) {
+                0
+            } else {
+                free
+            },
         }
     }
 
     /// Connects, serves and reconnects until drained.
-    async fn connection_loop(self: Arc<Self>, scheduler: Channel, drain: CancellationToken) -> WorkerResult<()> {
+    async fn connection_loop(
+        self: Arc<Self>,
+        scheduler: Channel,
+        drain: CancellationToken,
+    ) -> WorkerResult<()> {
         let config = self.executor.config();
         let mut backoff = config.reconnect_min;
         loop {
@@ -275,7 +283,11 @@ impl Worker {
         let (tx, rx) = mpsc::channel::<WorkerUpdate>(256);
         let register = self.register_message();
         let reported: Vec<String> = register.running_leases.clone();
-        if tx.send(update(worker_update::Update::Register(register))).await.is_err() {
+        if tx
+            .send(update(worker_update::Update::Register(register)))
+            .await
+            .is_err()
+        {
             return SessionEnd::Broken("the outgoing stream closed".into());
         }
         let mut client = WorkerApiClient::new(scheduler.clone())
@@ -289,8 +301,12 @@ impl Worker {
             Ok(Ok(Some(SchedulerCommand {
                 command: Some(scheduler_command::Command::Registered(r)),
             }))) => r,
-            Ok(Ok(Some(_))) => return SessionEnd::Broken("the scheduler did not answer Registered first".into()),
-            Ok(Ok(None)) => return SessionEnd::Broken("the scheduler closed the stream before Registered".into()),
+            Ok(Ok(Some(_))) => {
+                return SessionEnd::Broken("the scheduler did not answer Registered first".into());
+            }
+            Ok(Ok(None)) => {
+                return SessionEnd::Broken("the scheduler closed the stream before Registered".into());
+            }
             Ok(Err(s)) => return SessionEnd::Broken(format!("registration failed: {s}")),
             Err(_) => return SessionEnd::Broken("no Registered within 30 s".into()),
         };
@@ -447,8 +463,12 @@ fn job_from_assign(a: Assign) -> WorkerResult<Job> {
         .action_digest
         .ok_or_else(|| WorkerError::invalid("Assign without action_digest"))?;
     let digest_function = DigestFunction::resolve(a.digest_function, &action_digest.hash)?;
-    let action = a.action.ok_or_else(|| WorkerError::invalid("Assign without action"))?;
-    let command = a.command.ok_or_else(|| WorkerError::invalid("Assign without command"))?;
+    let action = a
+        .action
+        .ok_or_else(|| WorkerError::invalid("Assign without action"))?;
+    let command = a
+        .command
+        .ok_or_else(|| WorkerError::invalid("Assign without command"))?;
     #[allow(deprecated)]
     let platform = a
         .platform

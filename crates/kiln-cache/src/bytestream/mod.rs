@@ -2,6 +2,7 @@
 //! Read (plain and zstd `compressed-blobs`), resumable Write with streaming
 //! digest verification, and QueryWriteStatus.
 
+mod digest;
 mod read;
 pub mod resource;
 mod uploads;

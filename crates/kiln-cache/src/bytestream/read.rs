@@ -70,6 +70,15 @@ pub async fn open(instances: &Instances, req: &ReadRequest) -> CacheResult<ReadB
         return Ok(ReadBody::new(inner, expect, key));
     }
     if expect == Some(0) {
+        // Nothing to send, but a missing blob is still NOT_FOUND.
+        let present = instance
+            .cas
+            .has_many(std::slice::from_ref(&key))
+            .await
+            .map_err(CacheError::store(format!("checking whether {key} exists")))?;
+        if present.first() != Some(&true) {
+            return Err(CacheError::NotFound(format!("blob {key} not found")));
+        }
         return Ok(ReadBody::new(futures::stream::empty().boxed(), expect, key));
     }
 

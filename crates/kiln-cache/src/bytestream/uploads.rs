@@ -7,7 +7,7 @@
 //! (`Complete`). Paused and complete entries expire after an idle timeout;
 //! expired writers are dropped (discarding their data) outside the lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -91,19 +91,25 @@ impl Uploads {
     pub fn begin(self: &Arc<Self>, name: &str) -> CacheResult<(Option<Box<PartialUpload>>, ActiveUpload)> {
         self.maybe_sweep();
         let progress = Arc::new(AtomicU64::new(0));
-        let mut table = self.table.lock();
-        let previous = table.insert(name.to_string(), Entry::Active(progress.clone()));
-        let partial = match previous {
-            Some(Entry::Active(other)) => {
-                table.insert(name.to_string(), Entry::Active(other));
-                return Err(CacheError::Aborted(format!(
-                    "another stream is already writing {name:?}; retry after it ends"
-                )));
+        let previous = {
+            let mut table = self.table.lock();
+            match table.entry(name.to_string()) {
+                hash_map::Entry::Occupied(e) if matches!(e.get(), Entry::Active(_)) => {
+                    return Err(CacheError::Aborted(format!(
+                        "another stream is already writing {name:?}; retry after it ends"
+                    )));
+                }
+                hash_map::Entry::Occupied(mut e) => Some(e.insert(Entry::Active(progress.clone()))),
+                hash_map::Entry::Vacant(v) => {
+                    v.insert(Entry::Active(progress.clone()));
+                    None
+                }
             }
-            Some(Entry::Paused { partial, .. }) => partial,
-            Some(Entry::Complete { .. }) | None => None,
         };
-        drop(table);
+        let partial = match previous {
+            Some(Entry::Paused { partial, .. }) => partial,
+            _ => None,
+        };
         if let Some(p) = &partial {
             progress.store(p.committed, Ordering::Relaxed);
         }

@@ -17,8 +17,8 @@ use kiln_digest::{BlobKey, Hasher};
 use kiln_proto::bytestream::{WriteRequest, WriteResponse};
 use kiln_store::{BlobWriter, Encoding};
 use tonic::{Status, Streaming};
-use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 
+use super::digest::{Digester, Pipeline, too_much};
 use super::resource::{self, Compressor};
 use super::uploads::{ActiveUpload, PartialUpload, Uploads};
 use crate::{CacheError, CacheResult, Instance, Instances};
@@ -26,9 +26,6 @@ use crate::{CacheError, CacheResult, Instance, Instances};
 /// How often a long upload re-checks whether its blob appeared meanwhile
 /// (another client finished the same upload), to return early.
 const EXISTENCE_RECHECK: Duration = Duration::from_secs(1);
-/// Decoder output buffer of compressed uploads; decoded bytes are only
-/// hashed, never kept.
-const DECODE_BUF: usize = 256 * 1024;
 
 /// Handles one Write stream.
 pub async fn write(
@@ -102,7 +99,10 @@ pub async fn write(
         if !msg.data.is_empty() {
             let data = Bytes::from(std::mem::take(&mut msg.data));
             upload.ingest(&key, data).await?;
-            active.set_progress(upload.committed);
+            if compressor == Compressor::Identity {
+                // Compressed uploads cannot resume, so they report 0 throughout.
+                active.set_progress(upload.committed);
+            }
         }
         if msg.finish_write {
             return upload.finish(&key, active).await.map_err(Status::from);
@@ -118,14 +118,14 @@ pub async fn write(
             Ok(Some(next)) => msg = next,
             Ok(None) => {
                 // Closed without finish_write: keep what we have for a resume.
-                let (committed, partial) = upload.into_partial();
+                let (committed, partial) = upload.into_partial().await;
                 active.pause(partial);
                 return Ok(WriteResponse {
                     committed_size: committed as i64,
                 });
             }
             Err(status) => {
-                let (_, partial) = upload.into_partial();
+                let (_, partial) = upload.into_partial().await;
                 active.pause(partial);
                 return Err(status);
             }
@@ -156,13 +156,11 @@ enum Restart {
 /// An upload in progress on this stream.
 struct Upload {
     writer: Box<dyn BlobWriter>,
-    hasher: Hasher,
+    digest: Pipeline,
     /// Bytes received in the client's units: plain bytes for identity
     /// uploads, compressed bytes for zstd uploads.
     committed: u64,
-    /// Plain bytes hashed so far.
-    plain: u64,
-    zstd: Option<ZstdIngest>,
+    compressor: Compressor,
 }
 
 impl Upload {
@@ -176,12 +174,12 @@ impl Upload {
         if let Some(p) = partial {
             if offset == p.committed as i64 {
                 let p = *p;
+                let digester = Digester::identity(key.clone(), p.hasher, p.committed);
                 return Ok(Upload {
                     writer: p.writer,
-                    hasher: p.hasher,
+                    digest: Pipeline::new(digester),
                     committed: p.committed,
-                    plain: p.committed,
-                    zstd: None,
+                    compressor,
                 });
             }
             if offset != 0 {
@@ -204,9 +202,15 @@ impl Upload {
             });
             return Err(Restart::Failed(e));
         }
-        let (encoding, zstd) = match compressor {
-            Compressor::Identity => (Encoding::Identity, None),
-            Compressor::Zstd => (Encoding::Zstd, Some(ZstdIngest::new().map_err(Restart::Failed)?)),
+        let (encoding, digester) = match compressor {
+            Compressor::Identity => (
+                Encoding::Identity,
+                Digester::identity(key.clone(), Hasher::new(key.function(), key.size()), 0),
+            ),
+            Compressor::Zstd => (
+                Encoding::Zstd,
+                Digester::zstd(key.clone()).map_err(Restart::Failed)?,
+            ),
         };
         let writer = instance
             .cas
@@ -215,28 +219,21 @@ impl Upload {
             .map_err(|e| Restart::Failed(CacheError::store(format!("starting the write of {key}"))(e)))?;
         Ok(Upload {
             writer,
-            hasher: Hasher::new(key.function(), key.size()),
+            digest: Pipeline::new(digester),
             committed: 0,
-            plain: 0,
-            zstd,
+            compressor,
         })
     }
 
-    /// Hashes `data` (decoding it first for zstd uploads) and hands it to
-    /// the store writer. Rejects data beyond the declared size before
-    /// storing it.
+    /// Queues `data` for hashing (decoding it first for zstd uploads) and
+    /// hands the same buffer to the store writer. Plain data beyond the
+    /// declared size is refused before it is stored.
     async fn ingest(&mut self, key: &BlobKey, data: Bytes) -> CacheResult<()> {
         let len = data.len() as u64;
-        match self.zstd.as_mut() {
-            None => {
-                if self.plain + len > key.size() {
-                    return Err(too_much(key, self.plain + len));
-                }
-                self.hasher.update(&data);
-                self.plain += len;
-            }
-            Some(z) => z.feed(&data, key, &mut self.hasher, &mut self.plain)?,
+        if self.compressor == Compressor::Identity && self.committed + len > key.size() {
+            return Err(too_much(key, self.committed + len));
         }
+        self.digest.push(data.clone()).await?;
         self.writer
             .write(data)
             .await
@@ -247,14 +244,7 @@ impl Upload {
 
     /// Verifies the digest and commits; only then is the blob visible.
     async fn finish(self, key: &BlobKey, active: ActiveUpload) -> CacheResult<WriteResponse> {
-        if let Some(z) = &self.zstd
-            && !z.frame_complete()
-        {
-            return Err(CacheError::InvalidArgument(format!(
-                "compressed upload of {key} ends in the middle of a zstd frame"
-            )));
-        }
-        self.hasher.verify(key, self.plain)?;
+        self.digest.finish().await?.verify()?;
         self.writer
             .commit()
             .await
@@ -265,143 +255,23 @@ impl Upload {
     }
 
     /// What to park when the stream ends early: identity uploads keep their
-    /// writer; compressed ones are dropped and report 0.
-    fn into_partial(self) -> (u64, Option<Box<PartialUpload>>) {
-        if self.zstd.is_some() {
+    /// writer and hasher; compressed ones are dropped and report 0.
+    async fn into_partial(self) -> (u64, Option<Box<PartialUpload>>) {
+        if self.compressor == Compressor::Zstd {
             return (0, None);
         }
-        let committed = self.committed;
-        let partial = PartialUpload {
-            writer: self.writer,
-            hasher: self.hasher,
-            committed,
-        };
-        (committed, Some(Box::new(partial)))
-    }
-}
-
-fn too_much(key: &BlobKey, got: u64) -> CacheError {
-    CacheError::InvalidArgument(format!(
-        "upload of {key} carries at least {got} bytes, more than its size {}",
-        key.size()
-    ))
-}
-
-/// Incremental zstd decoding of an upload, for hashing only.
-struct ZstdIngest {
-    decoder: Decoder<'static>,
-    out: Box<[u8]>,
-    /// The decoder's last hint; 0 once a frame is complete and flushed.
-    hint: usize,
-}
-
-impl ZstdIngest {
-    fn new() -> CacheResult<Self> {
-        let decoder = Decoder::new().map_err(|e| {
-            CacheError::store("creating a zstd decoder")(kiln_store::StoreError::Internal(e.to_string()))
-        })?;
-        Ok(ZstdIngest {
-            decoder,
-            out: vec![0u8; DECODE_BUF].into_boxed_slice(),
-            hint: 1,
-        })
-    }
-
-    fn feed(&mut self, data: &[u8], key: &BlobKey, hasher: &mut Hasher, plain: &mut u64) -> CacheResult<()> {
-        let mut input = InBuffer::around(data);
-        loop {
-            let mut output = OutBuffer::around(&mut self.out[..]);
-            let consumed = input.pos();
-            let hint = self.decoder.run(&mut input, &mut output).map_err(|e| {
-                CacheError::InvalidArgument(format!("compressed upload of {key} is not valid zstd: {e}"))
-            })?;
-            // 0 = a frame just completed. A call that neither consumed nor
-            // produced anything (flushing after an exactly full buffer, once
-            // the frame is done) reports what the *next* frame needs, not
-            // the state of the one just finished: keep the old hint then.
-            if hint == 0 || input.pos() > consumed || output.pos() > 0 {
-                self.hint = hint;
+        match self.digest.finish().await {
+            Ok(digester) => {
+                let (hasher, plain) = digester.into_hasher();
+                let partial = PartialUpload {
+                    writer: self.writer,
+                    hasher,
+                    committed: plain,
+                };
+                (plain, Some(Box::new(partial)))
             }
-            let n = output.pos();
-            if n > 0 {
-                if *plain + n as u64 > key.size() {
-                    return Err(too_much(key, *plain + n as u64));
-                }
-                hasher.update(&self.out[..n]);
-                *plain += n as u64;
-            }
-            if input.pos() == data.len() && n < self.out.len() {
-                return Ok(());
-            }
+            // The data could not be digested: nothing worth resuming.
+            Err(_) => (0, None),
         }
-    }
-
-    fn frame_complete(&self) -> bool {
-        self.hint == 0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kiln_digest::DigestFunction;
-
-    /// Feeds `z` in `step`-byte pieces; returns (frame complete, plain bytes, hash ok).
-    fn ingest(z: &[u8], step: usize, plain: &[u8]) -> CacheResult<(bool, u64, bool)> {
-        let key = BlobKey::of(DigestFunction::Sha256, plain);
-        let mut ing = ZstdIngest::new()?;
-        let mut hasher = Hasher::new(key.function(), key.size());
-        let mut n = 0u64;
-        for piece in z.chunks(step.max(1)) {
-            ing.feed(piece, &key, &mut hasher, &mut n)?;
-        }
-        Ok((ing.frame_complete(), n, hasher.verify(&key, n).is_ok()))
-    }
-
-    #[test]
-    fn zstd_ingest_tracks_frames_across_chunkings() {
-        // Sizes around multiples of the decode buffer exercise the flush edge.
-        for len in [
-            1usize,
-            1000,
-            DECODE_BUF - 1,
-            DECODE_BUF,
-            DECODE_BUF + 1,
-            4 * DECODE_BUF,
-        ] {
-            let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (i / 997) as u8).collect();
-            let z = zstd::bulk::compress(&plain, 1).unwrap();
-            for step in [1usize, 7, 4096, z.len()] {
-                let (done, n, ok) = ingest(&z, step, &plain).unwrap();
-                assert!(done && ok && n == len as u64, "len {len} step {step}");
-            }
-            // Truncated: hashed bytes may be short and the frame is open.
-            let (done, _, _) = ingest(&z[..z.len() - 1], 4096, &plain).unwrap();
-            assert!(!done, "truncated len {len}");
-        }
-    }
-
-    #[test]
-    fn zstd_ingest_accepts_concatenated_frames() {
-        let a = vec![b'a'; DECODE_BUF];
-        let b = vec![b'b'; 1234];
-        let mut z = zstd::bulk::compress(&a, 3).unwrap();
-        z.extend_from_slice(&zstd::bulk::compress(&b, 3).unwrap());
-        let plain = [a, b].concat();
-        let (done, n, ok) = ingest(&z, 100, &plain).unwrap();
-        assert!(done && ok && n == plain.len() as u64);
-    }
-
-    #[test]
-    fn zstd_ingest_rejects_garbage_and_excess() {
-        assert_eq!(
-            ingest(b"definitely not zstd", 5, b"x").unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
-        // Decodes to more than the declared size.
-        let big = vec![7u8; 10_000];
-        let z = zstd::bulk::compress(&big, 1).unwrap();
-        let err = ingest(&z, 1000, &big[..100]).unwrap_err();
-        assert!(err.to_string().contains("more than its size"), "{err}");
     }
 }

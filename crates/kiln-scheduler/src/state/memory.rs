@@ -2,28 +2,29 @@
 //! takes the lock once, performs no I/O and no `.await` while holding it,
 //! and returns the messages to deliver as [`Effects`].
 
+mod model;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use kiln_digest::BlobKey;
+use kiln_proto::reapi::ExecuteResponse;
 use kiln_proto::reapi::execution_stage::Value as Stage;
-use kiln_proto::reapi::{ExecuteResponse, ExecutedActionMetadata};
-use kiln_proto::worker::{Assign, Cancel, Heartbeat, Progress, SchedulerCommand, scheduler_command};
+use kiln_proto::worker::{Heartbeat, Progress};
 use parking_lot::Mutex;
-use tokio::sync::watch;
 use tonic::Code;
 
 use crate::config::SchedulerConfig;
 use crate::error::{SchedulerError, SchedulerResult};
-use crate::operations::{epoch_ms, error_response, to_proto_duration, to_timestamp};
-use crate::platform::{Requirements, WorkerCaps, unsatisfiable_reason};
-use crate::queue::{JobId, QueueEntry, QueuePos, ReadyQueue};
+use crate::operations::{epoch_ms, error_response};
+use crate::platform::unsatisfiable_reason;
+use crate::queue::{JobId, QueueEntry, ReadyQueue};
 use crate::state::{
-    ConnId, Effects, LeaseInfo, NewJob, OperationView, OperationWatch, SchedulerState, StateStats, Submitted,
-    WorkerRegistration,
+    ConnId, Effects, LeaseInfo, NewJob, OperationView, OperationWatch, Outgoing, SchedulerState, StateStats,
+    Submitted, WorkerRegistration,
 };
+use model::{DedupKey, Inner, Job, JobState, Worker, cancel_cmd, fill_metadata};
 
 /// How often (in ticks) unwatched operations are looked for.
 const UNWATCHED_SCAN_EVERY: u32 = 10;
@@ -49,398 +50,6 @@ impl MemoryState {
             }),
             config,
         }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct DedupKey {
-    instance: String,
-    /// The key carries the digest function.
-    action: BlobKey,
-}
-
-struct Job {
-    new: Arc<NewJob>,
-    class: Arc<Requirements>,
-    invocation: Arc<str>,
-    /// Operations attached (several when identical actions were merged).
-    ops: Vec<String>,
-    queued_at: SystemTime,
-    attempts: u32,
-    lost_on: Vec<String>,
-    state: JobState,
-    dedup: Option<DedupKey>,
-}
-
-enum JobState {
-    Queued(QueuePos),
-    Assigned(Lease),
-}
-
-struct Lease {
-    id: String,
-    worker: String,
-    assigned_at: SystemTime,
-    deadline: SystemTime,
-    started: bool,
-    /// Consecutive heartbeats that did not list this lease.
-    missed: u32,
-}
-
-struct Op {
-    tx: watch::Sender<Arc<OperationView>>,
-    /// The action, while the operation is not done.
-    job: Option<JobId>,
-    last_touched: SystemTime,
-    unwatched_since: Option<SystemTime>,
-}
-
-struct Worker {
-    name: String,
-    caps: WorkerCaps,
-    slots: u32,
-    /// The live stream, if connected.
-    conn: Option<ConnId>,
-    draining: bool,
-    leases: HashSet<String>,
-    reserved: HashMap<String, u64>,
-    last_seen: SystemTime,
-}
-
-impl Worker {
-    fn assignable(&self) -> bool {
-        self.conn.is_some() && !self.draining && (self.leases.len() as u64) < u64::from(self.slots)
-    }
-}
-
-struct Inner {
-    jobs: HashMap<JobId, Job>,
-    dedup: HashMap<DedupKey, JobId>,
-    ops: HashMap<String, Op>,
-    /// Lease id → job.
-    leases: HashMap<String, JobId>,
-    workers: HashMap<String, Worker>,
-    queue: ReadyQueue,
-    /// Completed operations in completion order, for retention.
-    completed: VecDeque<(SystemTime, String)>,
-    next_job: JobId,
-    ticks: u32,
-}
-
-fn cancel_cmd(lease: &str, reason: impl Into<String>) -> SchedulerCommand {
-    SchedulerCommand {
-        command: Some(scheduler_command::Command::Cancel(Cancel {
-            lease_id: lease.to_string(),
-            reason: reason.into(),
-        })),
-    }
-}
-
-fn new_lease_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-impl Inner {
-    // ---- operations ----
-
-    fn new_op(&mut self, new: &NewJob, job_id: JobId, stage: Stage, now: SystemTime) -> (String, OperationWatch) {
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
-        let view = OperationView {
-            name: name.clone(),
-            stage,
-            action_digest: new.action_key.to_digest(),
-            digest_function: new.digest_function,
-            partial_metadata: None,
-            response: None,
-        };
-        let (tx, rx) = watch::channel(Arc::new(view));
-        self.ops.insert(
-            name.clone(),
-            Op {
-                tx,
-                job: Some(job_id),
-                last_touched: now,
-                unwatched_since: None,
-            },
-        );
-        (name, rx)
-    }
-
-    fn update_op(&mut self, name: &str, f: impl FnOnce(&mut OperationView)) {
-        if let Some(op) = self.ops.get(name) {
-            op.tx.send_modify(|v| {
-                let mut next = (**v).clone();
-                f(&mut next);
-                *v = Arc::new(next);
-            });
-        }
-    }
-
-    fn set_job_stage(&mut self, job_id: JobId, stage: Stage, partial: Option<ExecutedActionMetadata>) {
-        let Some(job) = self.jobs.get(&job_id) else {
-            return;
-        };
-        for name in job.ops.clone() {
-            let partial = partial.clone();
-            self.update_op(&name, |v| {
-                v.stage = stage;
-                if partial.is_some() {
-                    v.partial_metadata = partial;
-                }
-            });
-        }
-    }
-
-    fn complete_op(&mut self, name: &str, response: ExecuteResponse, now: SystemTime) {
-        let Some(op) = self.ops.get_mut(name) else {
-            return;
-        };
-        if op.job.take().is_none() {
-            return; // already done
-        }
-        self.update_op(name, |v| {
-            v.stage = Stage::Completed;
-            v.response = Some(response);
-        });
-        self.completed.push_back((now, name.to_string()));
-    }
-
-    // ---- jobs ----
-
-    /// Frees what the job's lease holds (worker slot, reserved capacity,
-    /// fair-share count). Leaves `job.state` as it was.
-    fn release_lease(&mut self, job_id: JobId) {
-        let Some(job) = self.jobs.get(&job_id) else {
-            return;
-        };
-        if let JobState::Assigned(lease) = &job.state {
-            self.leases.remove(&lease.id);
-            if let Some(w) = self.workers.get_mut(&lease.worker) {
-                w.leases.remove(&lease.id);
-                for (k, v) in &job.class.minimum {
-                    if let Some(r) = w.reserved.get_mut(k) {
-                        *r = r.saturating_sub(*v);
-                    }
-                }
-            }
-            self.queue.release(&job.invocation);
-        }
-    }
-
-    /// Removes the job and completes all its operations with `response`.
-    fn complete_job(&mut self, job_id: JobId, response: ExecuteResponse, now: SystemTime) {
-        self.release_lease(job_id);
-        let Some(job) = self.jobs.remove(&job_id) else {
-            return;
-        };
-        if let JobState::Queued(pos) = &job.state {
-            self.queue.remove(pos);
-        }
-        if let Some(key) = &job.dedup
-            && self.dedup.get(key) == Some(&job_id)
-        {
-            self.dedup.remove(key);
-        }
-        for name in &job.ops {
-            self.complete_op(name, response.clone(), now);
-        }
-    }
-
-    /// Puts an assigned job back in the queue. `lost_on` names the worker
-    /// that was lost running it (a failed attempt); `None` for a hand-back
-    /// or an undeliverable assignment (the attempt does not count).
-    fn requeue(&mut self, job_id: JobId, lost_on: Option<String>, config: &SchedulerConfig, now: SystemTime) {
-        self.release_lease(job_id);
-        let Some(job) = self.jobs.get_mut(&job_id) else {
-            return;
-        };
-        match lost_on {
-            Some(worker) => job.lost_on.push(worker),
-            None => job.attempts = job.attempts.saturating_sub(1),
-        }
-        if job.attempts >= config.max_attempts {
-            let msg = format!(
-                "action {} was assigned {} time(s) and every worker running it was lost ({}); giving up",
-                job.new.action_key,
-                job.attempts,
-                job.lost_on.join(", ")
-            );
-            tracing::warn!(%msg, "action failed after retries");
-            self.complete_job(job_id, error_response(Code::Unavailable, msg), now);
-            return;
-        }
-        let entry = QueueEntry {
-            job: job_id,
-            priority: job.new.priority,
-            enqueued_ms: epoch_ms(job.queued_at),
-        };
-        let pos = self.queue.push(job.class.clone(), job.invocation.clone(), entry);
-        job.state = JobState::Queued(pos);
-        self.set_job_stage(job_id, Stage::Queued, None);
-    }
-
-    /// Cancels a whole job: removes it from the queue or stops it on its
-    /// worker, and completes its operations with `response`.
-    fn cancel_job(&mut self, job_id: JobId, response: ExecuteResponse, reason: &str, effects: &mut Effects, now: SystemTime) {
-        if let Some(Job {
-            state: JobState::Assigned(lease),
-            ..
-        }) = self.jobs.get(&job_id)
-        {
-            effects.commands.push((lease.worker.clone(), cancel_cmd(&lease.id, reason)));
-        }
-        self.complete_job(job_id, response, now);
-    }
-
-    /// Detaches one operation from its job (cancelling the job when it was
-    /// the last one) and completes it with `response`.
-    fn cancel_op(&mut self, name: &str, response: ExecuteResponse, reason: &str, effects: &mut Effects, now: SystemTime) {
-        let Some(job_id) = self.ops.get(name).and_then(|o| o.job) else {
-            return;
-        };
-        let last = match self.jobs.get_mut(&job_id) {
-            Some(job) => {
-                job.ops.retain(|n| n != name);
-                job.ops.is_empty()
-            }
-            None => false,
-        };
-        self.complete_op(name, response.clone(), now);
-        if last {
-            self.cancel_job(job_id, response, reason, effects, now);
-        }
-    }
-
-    // ---- matching ----
-
-    /// Assigns queued actions to workers with free slots until nothing more
-    /// fits. Workers with the most free slots go first.
-    fn dispatch(&mut self, config: &SchedulerConfig, effects: &mut Effects, now: SystemTime) {
-        if self.queue.is_empty() {
-            return;
-        }
-        let mut candidates: Vec<(usize, String)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.assignable())
-            .map(|(id, w)| (w.slots as usize - w.leases.len().min(w.slots as usize), id.clone()))
-            .collect();
-        candidates.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        let now_ms = epoch_ms(now);
-        for (_, worker_id) in candidates {
-            loop {
-                if self.queue.is_empty() {
-                    return;
-                }
-                let Some(w) = self.workers.get(&worker_id) else {
-                    break;
-                };
-                if !w.assignable() {
-                    break;
-                }
-                let picked = self.queue.pick(now_ms, |req| w.caps.fits_now(req, &w.reserved));
-                let Some((entry, _, _)) = picked else {
-                    break;
-                };
-                self.assign(entry.job, &worker_id, config, effects, now);
-            }
-        }
-    }
-
-    fn assign(&mut self, job_id: JobId, worker_id: &str, config: &SchedulerConfig, effects: &mut Effects, now: SystemTime) {
-        let Some(job) = self.jobs.get_mut(&job_id) else {
-            return;
-        };
-        let lease_id = new_lease_id();
-        job.attempts += 1;
-        let deadline = now + job.new.timeout + config.lease_grace;
-        job.state = JobState::Assigned(Lease {
-            id: lease_id.clone(),
-            worker: worker_id.to_string(),
-            assigned_at: now,
-            deadline,
-            started: false,
-            missed: 0,
-        });
-        let new = &job.new;
-        let assign = Assign {
-            lease_id: lease_id.clone(),
-            instance_name: new.instance_name.clone(),
-            digest_function: new.digest_function.to_proto() as i32,
-            action_digest: Some(new.action_key.to_digest()),
-            action: Some(new.action.clone()),
-            command: Some(new.command.clone()),
-            timeout: Some(to_proto_duration(new.timeout)),
-            queued_at: Some(to_timestamp(job.queued_at)),
-            platform: Some(new.platform.clone()),
-            attempt: job.attempts,
-            operation_name: job.ops.first().cloned().unwrap_or_default(),
-        };
-        let minimum = job.class.minimum.clone();
-        if let Some(w) = self.workers.get_mut(worker_id) {
-            w.leases.insert(lease_id.clone());
-            for (k, v) in minimum {
-                *w.reserved.entry(k).or_default() += v;
-            }
-        }
-        self.leases.insert(lease_id, job_id);
-        effects.commands.push((
-            worker_id.to_string(),
-            SchedulerCommand {
-                command: Some(scheduler_command::Command::Assign(Box::new(assign))),
-            },
-        ));
-        self.set_job_stage(job_id, Stage::Executing, None);
-    }
-
-    /// The job of `lease` if it is assigned to `worker`.
-    fn lease_job(&self, worker: &str, lease: &str) -> Option<JobId> {
-        let job_id = *self.leases.get(lease)?;
-        match &self.jobs.get(&job_id)?.state {
-            JobState::Assigned(l) if l.worker == worker => Some(job_id),
-            _ => None,
-        }
-    }
-
-    /// Whether events on `conn` from `worker` are current; refreshes its
-    /// liveness when they are.
-    fn touch_worker(&mut self, worker: &str, conn: ConnId, now: SystemTime) -> bool {
-        match self.workers.get_mut(worker) {
-            Some(w) if w.conn == Some(conn) => {
-                w.last_seen = now;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Removes a worker; re-queues its leases (counted as failed attempts
-    /// when `lost`).
-    fn remove_worker(&mut self, worker_id: &str, lost: bool, config: &SchedulerConfig, now: SystemTime) {
-        let Some(w) = self.workers.get(worker_id) else {
-            return;
-        };
-        let leases: Vec<String> = w.leases.iter().cloned().collect();
-        let name = w.name.clone();
-        for lease in leases {
-            if let Some(job_id) = self.leases.get(&lease).copied() {
-                let lost_on = lost.then(|| name.clone());
-                self.requeue(job_id, lost_on, config, now);
-            }
-        }
-        self.workers.remove(worker_id);
-    }
-}
-
-fn fill_metadata(response: &mut ExecuteResponse, worker_name: &str, queued_at: SystemTime) {
-    response.cached_result = false;
-    let result = response.result.get_or_insert_with(Default::default);
-    let md = result.execution_metadata.get_or_insert_with(Default::default);
-    if md.worker.is_empty() {
-        md.worker = worker_name.to_string();
-    }
-    if md.queued_timestamp.is_none() {
-        md.queued_timestamp = Some(to_timestamp(queued_at));
     }
 }
 
@@ -475,7 +84,8 @@ impl SchedulerState for MemoryState {
             });
         }
         if !inner.workers.is_empty()
-            && let Some(reason) = unsatisfiable_reason(&new.requirements, inner.workers.values().map(|w| &w.caps))
+            && let Some(reason) =
+                unsatisfiable_reason(&new.requirements, inner.workers.values().map(|w| &w.caps))
         {
             return Err(SchedulerError::FailedPrecondition(reason));
         }
@@ -556,7 +166,13 @@ impl SchedulerState for MemoryState {
         if !g.ops.contains_key(name) {
             return Err(SchedulerError::NotFound(format!("operation {name:?} not found")));
         }
-        g.cancel_op(name, error_response(Code::Cancelled, reason), reason, &mut effects, now);
+        g.cancel_op(
+            name,
+            error_response(Code::Cancelled, reason),
+            reason,
+            &mut effects,
+            now,
+        );
         g.dispatch(&self.config, &mut effects, now);
         Ok(effects)
     }
@@ -568,7 +184,13 @@ impl SchedulerState for MemoryState {
             return Err(SchedulerError::NotFound(format!("operation {name:?} not found")));
         }
         let reason = "operation deleted";
-        g.cancel_op(name, error_response(Code::Cancelled, reason), reason, &mut effects, now);
+        g.cancel_op(
+            name,
+            error_response(Code::Cancelled, reason),
+            reason,
+            &mut effects,
+            now,
+        );
         g.ops.remove(name);
         g.dispatch(&self.config, &mut effects, now);
         Ok(effects)
@@ -583,9 +205,11 @@ impl SchedulerState for MemoryState {
         // Leases the worker reports but that are no longer its own.
         for lease in &reg.running_leases {
             if inner.lease_job(&reg.worker_id, lease).is_none() {
-                effects
-                    .commands
-                    .push((reg.worker_id.clone(), cancel_cmd(lease, "lease no longer assigned to this worker")));
+                effects.commands.push(Outgoing {
+                    worker: reg.worker_id.clone(),
+                    conn,
+                    command: cancel_cmd(lease, "lease no longer assigned to this worker"),
+                });
             }
         }
         // Leases assigned to it that it does not know: never received or
@@ -619,6 +243,7 @@ impl SchedulerState for MemoryState {
                 w.slots = reg.slots;
                 w.conn = Some(conn);
                 w.draining = false;
+                w.paused = false;
                 w.last_seen = now;
             }
             None => {
@@ -630,6 +255,7 @@ impl SchedulerState for MemoryState {
                         slots: reg.slots,
                         conn: Some(conn),
                         draining: false,
+                        paused: false,
                         leases: HashSet::new(),
                         reserved: HashMap::new(),
                         last_seen: now,
@@ -660,9 +286,14 @@ impl SchedulerState for MemoryState {
         let inner = &mut *g;
         if !inner.touch_worker(worker, conn, now) {
             if !inner.workers.contains_key(worker) {
-                effects.close.push(worker.to_string());
+                effects.close.push((worker.to_string(), conn));
             }
             return effects;
+        }
+        if hb.free_slots > 0
+            && let Some(w) = inner.workers.get_mut(worker)
+        {
+            w.paused = false;
         }
         let running: HashSet<&String> = hb.running_leases.iter().collect();
         let mut lost = Vec::new();
@@ -710,12 +341,22 @@ impl SchedulerState for MemoryState {
         Effects::default()
     }
 
-    async fn lease_progress(&self, worker: &str, conn: ConnId, progress: &Progress, now: SystemTime) -> Effects {
+    async fn lease_progress(
+        &self,
+        worker: &str,
+        conn: ConnId,
+        progress: &Progress,
+        now: SystemTime,
+    ) -> Effects {
         let mut g = self.inner.lock();
         if g.touch_worker(worker, conn, now)
             && let Some(job_id) = g.lease_job(worker, &progress.lease_id)
         {
-            g.set_job_stage(job_id, Stage::Executing, progress.partial_execution_metadata.clone());
+            g.set_job_stage(
+                job_id,
+                Stage::Executing,
+                progress.partial_execution_metadata.clone(),
+            );
         }
         Effects::default()
     }
@@ -743,15 +384,20 @@ impl SchedulerState for MemoryState {
         let inner = &mut *g;
         // A result is accepted even from a stale stream of the same worker:
         // the lease is what matters.
-        if let Some(w) = inner.workers.get_mut(worker)
-            && w.conn == Some(conn)
-        {
-            w.last_seen = now;
+        if let Some(w) = inner.workers.get_mut(worker) {
+            w.paused = false;
+            if w.conn == Some(conn) {
+                w.last_seen = now;
+            }
         }
         let Some(job_id) = inner.lease_job(worker, lease) else {
             return effects;
         };
-        let worker_name = inner.workers.get(worker).map(|w| w.name.clone()).unwrap_or_default();
+        let worker_name = inner
+            .workers
+            .get(worker)
+            .map(|w| w.name.clone())
+            .unwrap_or_default();
         let queued_at = inner.jobs.get(&job_id).map(|j| j.queued_at).unwrap_or(now);
         fill_metadata(&mut response, &worker_name, queued_at);
         inner.complete_job(job_id, response, now);
@@ -764,6 +410,11 @@ impl SchedulerState for MemoryState {
         let mut g = self.inner.lock();
         g.touch_worker(worker, conn, now);
         if let Some(job_id) = g.lease_job(worker, lease) {
+            if let Some(w) = g.workers.get_mut(worker)
+                && !w.draining
+            {
+                w.paused = true;
+            }
             g.requeue(job_id, None, &self.config, now);
             g.dispatch(&self.config, &mut effects, now);
         }
@@ -797,10 +448,18 @@ impl SchedulerState for MemoryState {
         effects
     }
 
-    async fn assign_undeliverable(&self, worker: &str, lease: &str, now: SystemTime) -> Effects {
+    async fn assign_undeliverable(
+        &self,
+        worker: &str,
+        conn: ConnId,
+        lease: &str,
+        now: SystemTime,
+    ) -> Effects {
         let mut effects = Effects::default();
         let mut g = self.inner.lock();
-        if let Some(w) = g.workers.get_mut(worker) {
+        if let Some(w) = g.workers.get_mut(worker)
+            && w.conn == Some(conn)
+        {
             w.conn = None;
         }
         if let Some(job_id) = g.lease_job(worker, lease) {
@@ -826,8 +485,10 @@ impl SchedulerState for MemoryState {
             .collect();
         for id in lost {
             tracing::warn!(worker = %id, timeout = ?config.heartbeat_timeout, "worker lost: no message within the heartbeat timeout");
+            if let Some(conn) = inner.workers.get(&id).and_then(|w| w.conn) {
+                effects.close.push((id.clone(), conn));
+            }
             inner.remove_worker(&id, true, config, now);
-            effects.close.push(id);
         }
 
         // Lease deadlines.
@@ -849,12 +510,16 @@ impl SchedulerState for MemoryState {
                 "action exceeded its timeout of {} (the worker reported no result within the grace period)",
                 humantime::format_duration(timeout)
             );
-            effects.commands.push((worker, cancel_cmd(&lease, "lease deadline exceeded")));
+            inner.send(
+                &mut effects,
+                &worker,
+                cancel_cmd(&lease, "lease deadline exceeded"),
+            );
             inner.complete_job(job_id, error_response(Code::DeadlineExceeded, msg), now);
         }
 
         // Operations nobody follows.
-        if inner.ticks % UNWATCHED_SCAN_EVERY == 0 {
+        if inner.ticks.is_multiple_of(UNWATCHED_SCAN_EVERY) {
             let mut abandoned = Vec::new();
             for (name, op) in inner.ops.iter_mut() {
                 if op.job.is_none() {
@@ -873,14 +538,22 @@ impl SchedulerState for MemoryState {
             for name in abandoned {
                 tracing::info!(operation = %name, "cancelling an operation nobody waits on");
                 let reason = "operation cancelled: nobody waited on it";
-                inner.cancel_op(&name, error_response(Code::Cancelled, reason), reason, &mut effects, now);
+                inner.cancel_op(
+                    &name,
+                    error_response(Code::Cancelled, reason),
+                    reason,
+                    &mut effects,
+                    now,
+                );
             }
         }
 
         // Queued actions no registered worker can run.
         for class in inner.queue.classes() {
             let reason = if inner.workers.is_empty() {
-                Some(format!("no worker is registered to run an action requiring {class}"))
+                Some(format!(
+                    "no worker is registered to run an action requiring {class}"
+                ))
             } else {
                 unsatisfiable_reason(&class, inner.workers.values().map(|w| &w.caps))
             };
@@ -896,7 +569,11 @@ impl SchedulerState for MemoryState {
                         // Drained entries are out of the queue already:
                         // complete_job's queue removal is then a no-op.
                         for entry in inner.queue.drain_class(&class) {
-                            inner.complete_job(entry.job, error_response(Code::FailedPrecondition, msg.clone()), now);
+                            inner.complete_job(
+                                entry.job,
+                                error_response(Code::FailedPrecondition, msg.clone()),
+                                now,
+                            );
                         }
                     }
                     Some(_) => {}

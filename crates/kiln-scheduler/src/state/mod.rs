@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use kiln_digest::{BlobKey, DigestFunction};
-use kiln_proto::reapi::{Action, Command, Digest, ExecuteResponse, ExecutedActionMetadata, Platform};
 use kiln_proto::reapi::execution_stage::Value as Stage;
+use kiln_proto::reapi::{Action, Command, Digest, ExecuteResponse, ExecutedActionMetadata, Platform};
 use kiln_proto::worker::{Heartbeat, Progress, SchedulerCommand};
 use tokio::sync::watch;
 
@@ -99,13 +99,22 @@ pub struct LeaseInfo {
     pub cacheable: bool,
 }
 
+/// A command for the worker stream `conn` of `worker`. It is delivered only
+/// if that stream is still the worker's current one; an undeliverable
+/// `Assign` is reported back through [`SchedulerState::assign_undeliverable`].
+#[derive(Debug)]
+pub struct Outgoing {
+    pub worker: WorkerId,
+    pub conn: ConnId,
+    pub command: SchedulerCommand,
+}
+
 /// Messages to deliver once a state transition is done.
 #[derive(Debug, Default)]
 pub struct Effects {
-    /// Commands for workers' streams.
-    pub commands: Vec<(WorkerId, SchedulerCommand)>,
-    /// Workers whose stream must be closed (declared lost or removed).
-    pub close: Vec<WorkerId>,
+    pub commands: Vec<Outgoing>,
+    /// Worker streams to close (the worker was declared lost or removed).
+    pub close: Vec<(WorkerId, ConnId)>,
 }
 
 impl Effects {
@@ -166,7 +175,13 @@ pub trait SchedulerState: Send + Sync + 'static {
 
     async fn lease_started(&self, worker: &str, conn: ConnId, lease: &str, now: SystemTime) -> Effects;
 
-    async fn lease_progress(&self, worker: &str, conn: ConnId, progress: &Progress, now: SystemTime) -> Effects;
+    async fn lease_progress(
+        &self,
+        worker: &str,
+        conn: ConnId,
+        progress: &Progress,
+        now: SystemTime,
+    ) -> Effects;
 
     /// The lease if it is currently assigned to `worker`.
     async fn lease_info(&self, worker: &str, lease: &str) -> Option<LeaseInfo>;
@@ -190,8 +205,10 @@ pub trait SchedulerState: Send + Sync + 'static {
     /// re-queued); another keeps its leases until it reconnects or is lost.
     async fn worker_disconnected(&self, worker: &str, conn: ConnId, now: SystemTime) -> Effects;
 
-    /// An `Assign` could not be delivered (stream gone): re-queue it.
-    async fn assign_undeliverable(&self, worker: &str, lease: &str, now: SystemTime) -> Effects;
+    /// An `Assign` for stream `conn` could not be delivered (stream gone or
+    /// replaced): re-queue it (not a failed attempt).
+    async fn assign_undeliverable(&self, worker: &str, conn: ConnId, lease: &str, now: SystemTime)
+    -> Effects;
 
     // ---- time ----
 

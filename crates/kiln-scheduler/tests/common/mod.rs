@@ -11,17 +11,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_cache::{CacheLimits, Instance, Instances};
 use kiln_digest::{BlobKey, DigestFunction};
+use kiln_proto::longrunning::Operation;
 use kiln_proto::longrunning::operation;
 use kiln_proto::longrunning::operations_client::OperationsClient;
-use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{
-    Action, ActionResult, Command, Digest, Directory, ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse,
-    ExecutionPolicy, FileNode, Platform, RequestMetadata, platform,
+    Action, ActionResult, Command, Digest, Directory, ExecuteOperationMetadata, ExecuteRequest,
+    ExecuteResponse, ExecutionPolicy, FileNode, Platform, RequestMetadata, platform,
 };
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
-    Assign, Finished, Heartbeat, Register, SchedulerCommand, Started, WorkerUpdate, scheduler_command, worker_update,
+    Assign, Finished, Heartbeat, Register, SchedulerCommand, Started, WorkerUpdate, scheduler_command,
+    worker_update,
 };
 use kiln_scheduler::{Scheduler, SchedulerConfig};
 use kiln_store::memory::MemoryStore;
@@ -68,7 +69,10 @@ impl Drop for Harness {
 pub async fn start(config: SchedulerConfig) -> Harness {
     let cas: Arc<dyn Store> = Arc::new(MemoryStore::new(64 << 20));
     let ac: Arc<dyn Store> = Arc::new(MemoryStore::new(16 << 20));
-    let instances = Arc::new(Instances::new([Instance::new("", cas, ac)], CacheLimits::default()));
+    let instances = Arc::new(Instances::new(
+        [Instance::new("", cas, ac)],
+        CacheLimits::default(),
+    ));
     let scheduler = Scheduler::new(config, instances.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -282,13 +286,18 @@ impl Harness {
 
 pub fn stage(op: &Operation) -> i32 {
     let md = op.metadata.as_ref().expect("operation metadata");
-    ExecuteOperationMetadata::decode(md.value.as_slice()).unwrap().stage
+    ExecuteOperationMetadata::decode(md.value.as_slice())
+        .unwrap()
+        .stage
 }
 
 pub fn response(op: &Operation) -> ExecuteResponse {
     match &op.result {
         Some(operation::Result::Response(any)) => {
-            assert_eq!(any.type_url, "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse");
+            assert_eq!(
+                any.type_url,
+                "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse"
+            );
             ExecuteResponse::decode(any.value.as_slice()).unwrap()
         }
         other => panic!("operation {} has no response: {other:?}", op.name),
@@ -366,7 +375,11 @@ impl FakeWorker {
             .await
             .unwrap()
             .into_inner();
-        let first = tokio::time::timeout(WAIT, rx.message()).await.unwrap().unwrap().unwrap();
+        let first = tokio::time::timeout(WAIT, rx.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let Some(scheduler_command::Command::Registered(reg)) = first.command else {
             panic!("expected Registered first, got {first:?}");
         };

@@ -94,6 +94,10 @@ struct Args {
     grace_ms: u64,
     pidns: bool,
     reexec: Vec<String>,
+    /// The command's environment (passed as arguments, never as the
+    /// helper's own environment: `LD_PRELOAD` and friends from an action
+    /// must not reach the helper, which may start as root).
+    env: Vec<(String, String)>,
     argv: Vec<String>,
 }
 
@@ -113,11 +117,11 @@ impl Args {
                 a.pidns = true;
                 continue;
             }
-            let value = it
-                .next()
-                .ok_or_else(|| format!("{flag} needs a value"))?
-                .clone();
-            let num = |v: &str| v.parse::<u32>().map_err(|_| format!("{flag}: {v:?} is not a number"));
+            let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?.clone();
+            let num = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("{flag}: {v:?} is not a number"))
+            };
             match flag.as_str() {
                 "--uid" => a.uid = Some(num(&value)?),
                 "--gid" => a.gid = Some(num(&value)?),
@@ -135,6 +139,12 @@ impl Args {
                         .map_err(|_| format!("--grace-ms: {value:?} is not a number"))?
                 }
                 "--reexec" => a.reexec.push(value),
+                "--env" => {
+                    let (k, v) = value
+                        .split_once('=')
+                        .ok_or_else(|| format!("--env {value:?} is not NAME=VALUE"))?;
+                    a.env.push((k.to_string(), v.to_string()));
+                }
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -164,6 +174,10 @@ fn drop_privileges(a: &Args) -> Result<(), String> {
     nix::unistd::setresgid(g, g, g).map_err(errno("setresgid"))?;
     let u = Uid::from_raw(uid);
     nix::unistd::setresuid(u, u, u).map_err(errno("setresuid"))?;
+    // A uid change makes the process non-dumpable, which hands its /proc
+    // files to root: we could no longer write our own uid_map, and stage 1
+    // could not open a holder's namespaces.
+    nix::sys::prctl::set_dumpable(true).map_err(errno("prctl(PR_SET_DUMPABLE)"))?;
     Ok(())
 }
 
@@ -175,16 +189,15 @@ fn new_user_namespace(extra: CloneFlags) -> Result<(), String> {
     let gid = nix::unistd::getegid().as_raw();
     unshare(CloneFlags::CLONE_NEWUSER | extra).map_err(errno("unshare(user namespace)"))?;
     std::fs::write("/proc/self/setgroups", "deny").map_err(|e| format!("writing setgroups: {e}"))?;
-    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1\n")).map_err(|e| format!("writing uid_map: {e}"))?;
-    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1\n")).map_err(|e| format!("writing gid_map: {e}"))?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1\n"))
+        .map_err(|e| format!("writing uid_map: {e}"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1\n"))
+        .map_err(|e| format!("writing gid_map: {e}"))?;
     Ok(())
 }
 
 fn hold(a: &Args) -> Result<i32, String> {
     drop_privileges(a)?;
-    // After a uid change the kernel makes the process non-dumpable, which
-    // would hide /proc/PID/ns from the (same-uid) stage 1 processes.
-    nix::sys::prctl::set_dumpable(true).map_err(errno("prctl(PR_SET_DUMPABLE)"))?;
     new_user_namespace(CloneFlags::CLONE_NEWNET)?;
     super::netlink::loopback_up()?;
     let mut out = std::io::stdout();
@@ -303,15 +316,25 @@ fn run(a: &Args) -> Result<i32, String> {
     cmd.arg0(exe);
     cmd.args(&a.reexec);
     cmd.arg("init").arg("--pidns");
-    for (flag, v) in [("--cwd", &a.cwd), ("--stdout", &a.stdout), ("--stderr", &a.stderr)] {
+    for (flag, v) in [
+        ("--cwd", &a.cwd),
+        ("--stdout", &a.stdout),
+        ("--stderr", &a.stderr),
+    ] {
         if let Some(v) = v {
             cmd.arg(flag).arg(v);
         }
     }
     cmd.arg("--grace-ms").arg(a.grace_ms.to_string());
+    for (k, v) in &a.env {
+        cmd.arg("--env").arg(format!("{k}={v}"));
+    }
     cmd.arg("--").args(&a.argv);
+    cmd.env_clear();
     cmd.stdin(Stdio::null());
-    let mut child = cmd.spawn().map_err(|e| format!("starting the sandbox init: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting the sandbox init: {e}"))?;
     let init_pid = Pid::from_raw(child.id() as i32);
 
     // The worker closing our stdin (it exited or gave up) kills everything:
@@ -322,7 +345,10 @@ fn run(a: &Args) -> Result<i32, String> {
     let mut stdin_open = true;
     let mut forwarded = false;
     loop {
-        if let Some(status) = child.try_wait().map_err(|e| format!("waiting for the sandbox init: {e}"))? {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| format!("waiting for the sandbox init: {e}"))?
+        {
             return Ok(exit_code_of(status));
         }
         if signals.terminated() && !forwarded {
@@ -369,20 +395,33 @@ fn setup_mounts(a: &Args, dir: &Path) -> Result<(), String> {
         if !t.is_dir() {
             continue;
         }
-        mount(Some("tmpfs"), t.as_path(), Some("tmpfs"), flags, Some("mode=1777"))
-            .map_err(|e| format!("mounting a tmpfs on {}: {e}", t.display()))?;
+        mount(
+            Some("tmpfs"),
+            t.as_path(),
+            Some("tmpfs"),
+            flags,
+            Some("mode=1777"),
+        )
+        .map_err(|e| format!("mounting a tmpfs on {}: {e}", t.display()))?;
         covered.push(t);
     }
     for h in &a.hide {
         if covered.iter().any(|c| h.starts_with(c)) || !h.is_dir() {
             continue;
         }
-        mount(Some("tmpfs"), h.as_path(), Some("tmpfs"), flags, Some("mode=0755"))
-            .map_err(|e| format!("hiding {}: {e}", h.display()))?;
+        mount(
+            Some("tmpfs"),
+            h.as_path(),
+            Some("tmpfs"),
+            flags,
+            Some("mode=0755"),
+        )
+        .map_err(|e| format!("hiding {}: {e}", h.display()))?;
         covered.push(h);
     }
     if covered.iter().any(|c| dir.starts_with(c)) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {} in the sandbox: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating {} in the sandbox: {e}", dir.display()))?;
         let source = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_handle));
         mount(
             Some(source.as_str()),
@@ -423,13 +462,16 @@ fn init(a: &Args) -> Result<i32, String> {
     };
     let stdout = open(out)?;
     let stderr = open(err)?;
-    std::env::set_current_dir(cwd).map_err(|e| format!("entering the working directory {}: {e}", cwd.display()))?;
+    std::env::set_current_dir(cwd)
+        .map_err(|e| format!("entering the working directory {}: {e}", cwd.display()))?;
     // Nothing the action runs can gain privileges (setuid binaries, file
     // capabilities).
     nix::sys::prctl::set_no_new_privs().map_err(errno("prctl(PR_SET_NO_NEW_PRIVS)"))?;
 
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null());
+    cmd.env_clear();
+    cmd.envs(a.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     if !a.pidns {
         cmd.process_group(0);
     }
@@ -439,7 +481,11 @@ fn init(a: &Args) -> Result<i32, String> {
         Ok(c) => c,
         Err(e) => {
             // Like a shell: 127 for a command not found, 126 otherwise.
-            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
             let _ = writeln!(stderr_for_errors, "kiln: cannot execute {program:?}: {e}");
             report(code, 0);
             return Ok(code);
@@ -483,7 +529,10 @@ fn init(a: &Args) -> Result<i32, String> {
             break;
         }
         let timeout = match term_deadline {
-            Some(d) if !killed => Some(d.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))),
+            Some(d) if !killed => Some(
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ),
             _ => None,
         };
         signals.wait(None, timeout);
@@ -544,7 +593,11 @@ fn direct_children() -> Vec<Pid> {
     };
     for t in tasks.flatten() {
         if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-            out.extend(s.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw));
+            out.extend(
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .map(Pid::from_raw),
+            );
         }
     }
     out
@@ -554,8 +607,8 @@ fn direct_children() -> Vec<Pid> {
 fn report(code: i32, signal: i32) {
     let (utime, stime, maxrss) = match getrusage(UsageWho::RUSAGE_CHILDREN) {
         Ok(u) => {
-            let us = |t: nix::sys::time::TimeVal| t.tv_sec() as i64 * 1_000_000 + t.tv_usec() as i64;
-            (us(u.user_time()), us(u.system_time()), u.max_rss() as i64)
+            let us = |t: nix::sys::time::TimeVal| t.tv_sec() * 1_000_000 + t.tv_usec();
+            (us(u.user_time()), us(u.system_time()), u.max_rss())
         }
         Err(_) => (0, 0, 0),
     };
@@ -602,8 +655,10 @@ mod tests {
 
     #[test]
     fn report_round_trip() {
-        let r = parse_report("noise\nkiln-sandbox-report exit=3 signal=0 utime_us=10 stime_us=20 maxrss_kb=1024\n")
-            .unwrap();
+        let r = parse_report(
+            "noise\nkiln-sandbox-report exit=3 signal=0 utime_us=10 stime_us=20 maxrss_kb=1024\n",
+        )
+        .unwrap();
         assert_eq!(
             r,
             Report {
@@ -619,8 +674,10 @@ mod tests {
 
     #[test]
     fn args_parse() {
-        let a = Args::parse(&["--uid", "5", "--pidns", "--tmpfs", "/tmp", "--", "sh", "-c", "x"].map(String::from))
-            .unwrap();
+        let a = Args::parse(
+            &["--uid", "5", "--pidns", "--tmpfs", "/tmp", "--", "sh", "-c", "x"].map(String::from),
+        )
+        .unwrap();
         assert_eq!(a.uid, Some(5));
         assert!(a.pidns);
         assert_eq!(a.argv, vec!["sh", "-c", "x"]);

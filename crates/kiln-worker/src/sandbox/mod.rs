@@ -229,11 +229,17 @@ impl Sandbox {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| format!("starting {:?}: {e}", self.helper[0]))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("starting {:?}: {e}", self.helper[0]))?;
         let pid = child.id().ok_or("the holder exited at once")?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let mut line = String::new();
-        let read = tokio::time::timeout(Duration::from_secs(10), BufReader::new(stdout).read_line(&mut line)).await;
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            BufReader::new(stdout).read_line(&mut line),
+        )
+        .await;
         if !matches!(read, Ok(Ok(_))) || line.trim() != "ready" {
             let _ = child.start_kill();
             let mut err = String::new();
@@ -251,7 +257,9 @@ impl Sandbox {
         let (idx, exclusive) = match self.free_holders.lock().pop() {
             Some(i) => (i, true),
             None => (
-                self.next_shared.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.holders.len(),
+                self.next_shared
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    % self.holders.len(),
                 false,
             ),
         };
@@ -340,7 +348,12 @@ impl Sandbox {
         r
     }
 
-    async fn run_with(&self, spec: &RunSpec, cancel: &CancellationToken, join: Option<u32>) -> WorkerResult<RunOutcome> {
+    async fn run_with(
+        &self,
+        spec: &RunSpec,
+        cancel: &CancellationToken,
+        join: Option<u32>,
+    ) -> WorkerResult<RunOutcome> {
         if spec.argv.is_empty() {
             return Err(WorkerError::invalid("the command has no arguments"));
         }
@@ -369,9 +382,13 @@ impl Sandbox {
         cmd.arg("--stdout").arg(&spec.stdout);
         cmd.arg("--stderr").arg(&spec.stderr);
         cmd.arg("--grace-ms").arg(self.grace.as_millis().to_string());
+        // The action's environment travels as arguments: the helper itself
+        // runs with an empty environment (no LD_PRELOAD from an action).
+        for (k, v) in &spec.env {
+            cmd.arg("--env").arg(format!("{k}={v}"));
+        }
         cmd.arg("--").args(&spec.argv);
         cmd.env_clear();
-        cmd.envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -442,7 +459,10 @@ impl Sandbox {
             Err(_) => {
                 tracing::warn!("sandbox helper ignored SIGTERM; killing it");
                 let _ = child.start_kill();
-                child.wait().await.map_err(WorkerError::io("waiting for the sandbox helper"))?
+                child
+                    .wait()
+                    .await
+                    .map_err(WorkerError::io("waiting for the sandbox helper"))?
             }
         };
         Ok((ending, status))

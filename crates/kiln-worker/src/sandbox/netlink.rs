@@ -35,7 +35,8 @@ fn set_up_message(index: i32) -> Vec<u8> {
 
 /// Sets `lo` up in the caller's network namespace.
 pub fn loopback_up() -> Result<(), String> {
-    let index = nix::net::if_::if_nametoindex("lo").map_err(|e| format!("finding the loopback interface: {e}"))?;
+    let index =
+        nix::net::if_::if_nametoindex("lo").map_err(|e| format!("finding the loopback interface: {e}"))?;
     let sock = socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -47,7 +48,8 @@ pub fn loopback_up() -> Result<(), String> {
     sendto(sock.as_raw_fd(), &msg, &NetlinkAddr::new(0, 0), MsgFlags::empty())
         .map_err(|e| format!("sending the loopback request: {e}"))?;
     let mut buf = [0u8; 512];
-    let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(|e| format!("reading the netlink answer: {e}"))?;
+    let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())
+        .map_err(|e| format!("reading the netlink answer: {e}"))?;
     if n < 20 {
         return Err(format!("short netlink answer ({n} bytes)"));
     }

@@ -1,0 +1,436 @@
+//! The executor end to end: real CAS over gRPC, real processes in the
+//! real sandbox.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use kiln_proto::reapi::{Command, Tree};
+use kiln_proto::rpc_details::PreconditionFailure;
+use kiln_worker::metadata::{RESOURCE_USAGE_TYPE_URL, ResourceUsage};
+use prost::Message;
+
+const T: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn runs_command_and_uploads_output_file() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().file("in.txt", b"input\n").upload(&cas).await;
+    let mut cmd = sh("echo hi > out/x; cat in.txt; echo err >&2; exit 3");
+    cmd.output_paths = vec!["out/x".into()];
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let result = resp.result.as_ref().unwrap();
+    assert_eq!(result.exit_code, 3);
+    let outs = outputs_by_path(&resp);
+    assert_eq!(read_blob(&cas, &outs["out/x"]).await, b"hi\n");
+    assert_eq!(stdout_of(&cas, &resp).await, "input\n");
+    assert_eq!(stderr_of(&cas, &resp).await, "err\n");
+    // Small stdio is inlined as well.
+    assert_eq!(result.stdout_raw, b"input\n");
+
+    // Every phase is timed, in order, and resource usage is attached.
+    let md = result.execution_metadata.as_ref().unwrap();
+    assert_eq!(md.worker, "test-worker");
+    let ts = |t: &Option<kiln_proto::protobuf::Timestamp>| {
+        let t = t.unwrap();
+        t.seconds as i128 * 1_000_000_000 + t.nanos as i128
+    };
+    let order = [
+        ts(&md.worker_start_timestamp),
+        ts(&md.input_fetch_start_timestamp),
+        ts(&md.input_fetch_completed_timestamp),
+        ts(&md.execution_start_timestamp),
+        ts(&md.execution_completed_timestamp),
+        ts(&md.output_upload_start_timestamp),
+        ts(&md.output_upload_completed_timestamp),
+        ts(&md.worker_completed_timestamp),
+    ];
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    let aux = md
+        .auxiliary_metadata
+        .iter()
+        .find(|a| a.type_url == RESOURCE_USAGE_TYPE_URL)
+        .unwrap();
+    let usage = ResourceUsage::decode(aux.value.as_slice()).unwrap();
+    assert!(usage.peak_memory_bytes > 0);
+    assert!(usage.sandboxed);
+    assert!(!usage.network);
+    // The action directory is gone.
+    assert!(list_files(&tmp.path().join("work")).is_empty());
+}
+
+#[tokio::test]
+async fn environment_working_directory_and_legacy_outputs() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default()
+        .dir("sub", TreeSpec::default().file("data", b"d"))
+        .upload(&cas)
+        .await;
+    let mut cmd = sh("pwd > ../o/pwd; echo $FOO > ../o/foo; mkdir -p ../od/x; echo y > ../od/x/y");
+    // An unqualified program is looked up on the action's PATH.
+    cmd.arguments[0] = "sh".into();
+    cmd.working_directory = "sub".into();
+    cmd.environment_variables
+        .push(kiln_proto::reapi::command::EnvironmentVariable {
+            name: "FOO".into(),
+            value: "bar".into(),
+        });
+    #[allow(deprecated)]
+    {
+        cmd.output_files = vec!["../o/foo".into(), "../o/pwd".into()];
+        cmd.output_directories = vec!["../od".into()];
+    }
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let outs = outputs_by_path(&resp);
+    assert_eq!(read_blob(&cas, &outs["../o/foo"]).await, b"bar\n");
+    let pwd = String::from_utf8(read_blob(&cas, &outs["../o/pwd"]).await).unwrap();
+    assert!(pwd.trim_end().ends_with("/root/sub"), "{pwd}");
+    let dirs = &resp.result.as_ref().unwrap().output_directories;
+    assert_eq!(dirs.len(), 1);
+    assert_eq!(dirs[0].path, "../od");
+}
+
+#[tokio::test]
+async fn action_environment_does_not_reach_the_helper() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    let tok = format!("{}.{}", 5000 + std::process::id() % 1000, std::process::id());
+    let mut cmd = sh(&format!("sleep {tok}"));
+    cmd.environment_variables
+        .push(kiln_proto::reapi::command::EnvironmentVariable {
+            name: "LD_PRELOAD".into(),
+            value: "/nonexistent/kiln-preload.so".into(),
+        });
+    let j = job(&cas, cmd, root, T).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (e, c) = (exec.clone(), cancel.clone());
+    let task = tokio::spawn(async move { e.execute(j, c).await });
+    let start = std::time::Instant::now();
+    let environ = |pid: u32| std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let cmdline = |pid: u32| {
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+            .replace('\0', " ")
+    };
+    // Wait for the command itself (its argv has no "kiln-sandbox").
+    let command_pid = loop {
+        let pids = processes_with(&tok);
+        if let Some(p) = pids.iter().copied().find(|p| cmdline(*p).starts_with("sleep ")) {
+            break p;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let preload = b"LD_PRELOAD=/nonexistent/kiln-preload.so";
+    let has = |env: &[u8]| env.split(|b| *b == 0).any(|v| v == preload);
+    assert!(has(&environ(command_pid)), "the command lost its environment");
+    let helpers: Vec<u32> = processes_with(&tok)
+        .into_iter()
+        .filter(|p| cmdline(*p).contains("kiln-sandbox"))
+        .collect();
+    assert_eq!(helpers.len(), 2, "stage 1 and init");
+    for p in helpers {
+        assert!(
+            !has(&environ(p)),
+            "the helper {} got the action's LD_PRELOAD",
+            cmdline(p)
+        );
+    }
+    cancel.cancel();
+    assert_eq!(code(&task.await.unwrap()), tonic::Code::Cancelled as i32);
+}
+
+#[tokio::test]
+async fn output_directory_is_a_deduplicated_tree() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    // Two identical sub-directories (stored once), an executable, a symlink.
+    let mut cmd = sh(
+        "mkdir -p d/a d/b d/c/deep && echo same > d/a/f && echo same > d/b/f && \
+         printf '#!/bin/sh\\n' > d/c/deep/tool && chmod +x d/c/deep/tool && ln -s ../a/f d/c/link",
+    );
+    cmd.output_paths = vec!["d".into()];
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let result = resp.result.as_ref().unwrap();
+    assert_eq!(result.exit_code, 0, "{}", stderr_of(&cas, &resp).await);
+    let od = &result.output_directories[0];
+    assert_eq!(od.path, "d");
+    assert!(od.is_topologically_sorted);
+    let tree = Tree::decode(read_blob(&cas, od.tree_digest.as_ref().unwrap()).await.as_slice()).unwrap();
+    let root = tree.root.unwrap();
+    let names: Vec<_> = root.directories.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    // a and b are identical: one child Directory for both.
+    assert_eq!(root.directories[0].digest, root.directories[1].digest);
+    // children: {a==b}, c, deep = 3 distinct directories.
+    assert_eq!(tree.children.len(), 3);
+    let c = tree
+        .children
+        .iter()
+        .find(|d| !d.symlinks.is_empty())
+        .expect("directory c with the symlink");
+    assert_eq!(c.symlinks[0].name, "link");
+    assert_eq!(c.symlinks[0].target, "../a/f");
+    let deep = tree
+        .children
+        .iter()
+        .find(|d| d.files.iter().any(|f| f.name == "tool"))
+        .unwrap();
+    assert!(deep.files[0].is_executable);
+    // File contents are in the CAS.
+    let a = tree
+        .children
+        .iter()
+        .find(|d| d.files.iter().any(|f| f.name == "f"))
+        .unwrap();
+    assert_eq!(
+        read_blob(&cas, a.files[0].digest.as_ref().unwrap()).await,
+        b"same\n"
+    );
+}
+
+#[tokio::test]
+async fn symlink_to_host_file_is_uploaded_as_a_symlink() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    let mut cmd = sh("ln -s /etc/passwd leak && mkdir d && ln -s /etc/passwd d/leak2 && ln -s /etc escape");
+    cmd.output_paths = vec!["leak".into(), "d".into(), "escape/passwd".into()];
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let result = resp.result.as_ref().unwrap();
+    // `leak` is a symlink with its target, not the file's content.
+    assert!(result.output_files.is_empty(), "{:?}", result.output_files);
+    assert_eq!(result.output_symlinks.len(), 1);
+    assert_eq!(result.output_symlinks[0].path, "leak");
+    assert_eq!(result.output_symlinks[0].target, "/etc/passwd");
+    // Inside an output directory too.
+    let tree = Tree::decode(
+        read_blob(&cas, result.output_directories[0].tree_digest.as_ref().unwrap())
+            .await
+            .as_slice(),
+    )
+    .unwrap();
+    let root = tree.root.unwrap();
+    assert!(root.files.is_empty());
+    assert_eq!(root.symlinks[0].target, "/etc/passwd");
+    // `escape/passwd` goes through a symlink out of the action: not an output.
+    assert_eq!(result.output_directories.len(), 1);
+    // And the CAS never received /etc/passwd.
+    let passwd = std::fs::read("/etc/passwd").unwrap();
+    let missing = cas_client(&cas)
+        .find_missing_blobs(kiln_proto::reapi::FindMissingBlobsRequest {
+            instance_name: String::new(),
+            blob_digests: vec![digest_of(&passwd)],
+            digest_function: F.to_proto() as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(missing.missing_blob_digests.len(), 1, "/etc/passwd was uploaded");
+}
+
+/// Runs `cmd` over `root` and expects INVALID_ARGUMENT with nothing
+/// written outside the work directory.
+async fn expect_invalid(tree: TreeSpec, cmd: Command, allow_absolute: bool) {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.allow_absolute_symlinks = allow_absolute;
+    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    let root = tree.upload(&cas).await;
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    assert_eq!(
+        code(&resp),
+        tonic::Code::InvalidArgument as i32,
+        "{:?}",
+        resp.status
+    );
+    assert!(
+        list_files(&outside).is_empty(),
+        "written outside: {:?}",
+        list_files(&outside)
+    );
+    assert!(list_files(&tmp.path().join("work")).is_empty());
+}
+
+#[tokio::test]
+async fn malformed_input_entries_are_invalid_argument() {
+    let cmd = || sh("touch ../../outside/pwned; true");
+    for name in ["..", ".", "", "a/b", "../outside/x"] {
+        expect_invalid(TreeSpec::default().file(name, b"x"), cmd(), true).await;
+        expect_invalid(TreeSpec::default().dir(name, TreeSpec::default()), cmd(), true).await;
+        expect_invalid(TreeSpec::default().symlink(name, "t"), cmd(), true).await;
+    }
+    // Duplicate names (file + directory).
+    expect_invalid(
+        TreeSpec::default().file("a", b"x").dir("a", TreeSpec::default()),
+        cmd(),
+        true,
+    )
+    .await;
+    // Absolute symlink targets when the strategy disallows them.
+    expect_invalid(TreeSpec::default().symlink("l", "/etc/passwd"), cmd(), false).await;
+}
+
+#[tokio::test]
+async fn escaping_paths_are_invalid_argument() {
+    let tree = || {
+        TreeSpec::default()
+            .dir("w", TreeSpec::default())
+            .symlink("link", "../outside")
+    };
+    let base = || sh("echo pwned > ../outside/x; true");
+    let mut c = base();
+    c.working_directory = "../..".into();
+    expect_invalid(tree(), c, true).await;
+    let mut c = base();
+    c.working_directory = "/tmp".into();
+    expect_invalid(tree(), c, true).await;
+    let mut c = base();
+    c.output_paths = vec!["../outside/x".into()];
+    expect_invalid(tree(), c, true).await;
+    let mut c = base();
+    c.working_directory = "w".into();
+    c.output_paths = vec!["../../x".into()];
+    expect_invalid(tree(), c, true).await;
+    let mut c = base();
+    c.output_paths = vec!["/etc/x".into()];
+    expect_invalid(tree(), c, true).await;
+    // An output whose parent is an input symlink (creating it would write
+    // through the symlink).
+    let mut c = base();
+    c.output_paths = vec!["link/sub/x".into()];
+    expect_invalid(tree(), c, true).await;
+    #[allow(deprecated)]
+    {
+        let mut c = base();
+        c.output_files = vec!["../x".into()];
+        expect_invalid(tree(), c, true).await;
+        let mut c = base();
+        c.output_directories = vec!["/abs".into()];
+        expect_invalid(tree(), c, true).await;
+    }
+}
+
+#[tokio::test]
+async fn missing_input_blob_is_failed_precondition_with_violations() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    // A Directory referring to a file that was never uploaded.
+    let ghost = b"never uploaded".to_vec();
+    let dir = kiln_proto::reapi::Directory {
+        files: vec![kiln_proto::reapi::FileNode {
+            name: "ghost".into(),
+            digest: Some(digest_of(&ghost)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let root = upload_msg(&cas, &dir).await;
+    let resp = run(&exec, job(&cas, sh("cat ghost"), root, T).await).await;
+    assert_eq!(code(&resp), tonic::Code::FailedPrecondition as i32);
+    let status = resp.status.unwrap();
+    let pf = PreconditionFailure::decode(status.details[0].value.as_slice()).unwrap();
+    assert_eq!(pf.violations.len(), 1);
+    assert_eq!(pf.violations[0].r#type, "MISSING");
+    let d = digest_of(&ghost);
+    assert_eq!(
+        pf.violations[0].subject,
+        format!("blobs/{}/{}", d.hash, d.size_bytes)
+    );
+}
+
+#[tokio::test]
+async fn executable_input_runs_and_cannot_be_modified_through_the_hardlink() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let tool = b"#!/bin/sh\necho tool-ran\n".to_vec();
+    let root = TreeSpec::default()
+        .exec("tool", &tool)
+        .file("data", b"plain\n")
+        .upload(&cas)
+        .await;
+    let mut cmd = sh("./tool > out; \
+         (echo hacked >> tool) 2>/dev/null; echo $? > rc_write; \
+         (echo hacked >> data) 2>/dev/null; echo $? >> rc_write; \
+         (chmod u+w tool && echo hacked >> tool) 2>/dev/null; true");
+    cmd.output_paths = vec!["out".into(), "rc_write".into()];
+    let resp = run(&exec, job(&cas, cmd.clone(), root.clone(), T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let outs = outputs_by_path(&resp);
+    assert_eq!(read_blob(&cas, &outs["out"]).await, b"tool-ran\n");
+    let rc = String::from_utf8(read_blob(&cas, &outs["rc_write"]).await).unwrap();
+    assert!(
+        rc.lines().all(|l| l != "0"),
+        "a write through a hardlink succeeded: {rc}"
+    );
+    // Whatever the action did, the cache never serves modified content:
+    // every cached file still hashes to its name.
+    for f in list_files(exec.local_cas().dir()) {
+        let p = exec.local_cas().dir().join(&f);
+        if !p.is_file() || p.parent().unwrap().parent().unwrap().file_name().unwrap() != "sha256" {
+            continue;
+        }
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        let hash = name.split('-').next().unwrap();
+        let data = std::fs::read(&p).unwrap();
+        assert_eq!(
+            kiln_digest::BlobKey::of(F, &data).hash_hex(),
+            hash,
+            "{name} corrupted"
+        );
+    }
+    // A second run gets the original tool.
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    let outs = outputs_by_path(&resp);
+    assert_eq!(read_blob(&cas, &outs["out"]).await, b"tool-ran\n");
+}
+
+#[tokio::test]
+async fn sandbox_hides_worker_directories_and_gives_private_tmp() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let cache_dir = exec.local_cas().dir().to_path_buf();
+    let marker = std::env::temp_dir().join(format!("kiln-host-marker-{}", std::process::id()));
+    std::fs::write(&marker, b"host").unwrap();
+    let leak = std::env::temp_dir().join(format!("kiln-sandbox-leak-{}", std::process::id()));
+    let root = TreeSpec::default().file("f", b"x").upload(&cas).await;
+    let script = format!(
+        "ls {cache} | wc -l > o; test -e {marker}; echo $? >> o; echo hi > {leak}; id -u >> o; hostname >> o",
+        cache = cache_dir.display(),
+        marker = marker.display(),
+        leak = leak.display()
+    );
+    let mut cmd = sh(&script);
+    cmd.output_paths = vec!["o".into()];
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    std::fs::remove_file(&marker).unwrap();
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let o = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["o"]).await).unwrap();
+    let lines: Vec<&str> = o.lines().collect();
+    assert_eq!(lines[0].trim(), "0", "the local cache is visible in the sandbox");
+    assert_eq!(lines[1], "1", "the host's /tmp is visible in the sandbox");
+    assert_ne!(lines[2], "0", "the action runs as root");
+    assert_eq!(lines[3], "localhost");
+    assert!(!leak.exists(), "the sandbox wrote into the host's /tmp");
+}

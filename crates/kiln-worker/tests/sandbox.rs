@@ -1,0 +1,319 @@
+//! The sandbox: network isolation, process-tree kill on timeout and
+//! cancel, and the cost of setting it up.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kiln_proto::reapi::Platform;
+use kiln_proto::reapi::platform::Property;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(60);
+
+fn network_on() -> Option<Platform> {
+    Some(Platform {
+        properties: vec![Property {
+            name: "network".into(),
+            value: "on".into(),
+        }],
+    })
+}
+
+/// A script that connects to 127.0.0.1:`port` and records the outcome.
+fn connect_script(port: u16) -> String {
+    // bash's /dev/tcp; `timeout` bounds a hang.
+    format!(
+        "if timeout 5 bash -c 'echo ping > /dev/tcp/127.0.0.1/{port}' 2>/dev/null; \
+         then echo connected > result; else echo failed > result; fi"
+    )
+}
+
+#[tokio::test]
+async fn no_network_by_default_network_with_platform_property() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut buf)
+            .await
+            .unwrap();
+        buf
+    });
+    let root = TreeSpec::default().upload(&cas).await;
+    let mut cmd = sh(&connect_script(port));
+    cmd.output_paths = vec!["result".into()];
+
+    // Default: the host's loopback is unreachable.
+    let resp = run(&exec, job(&cas, cmd.clone(), root.clone(), T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let r = read_blob(&cas, &outputs_by_path(&resp)["result"]).await;
+    assert_eq!(r, b"failed\n", "a sandboxed action reached the host network");
+    assert!(!accepted.is_finished());
+
+    // network=on: it connects.
+    let mut j = job(&cas, cmd, root, T).await;
+    j.platform = network_on();
+    let resp = run(&exec, j).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let r = read_blob(&cas, &outputs_by_path(&resp)["result"]).await;
+    assert_eq!(r, b"connected\n", "{}", stderr_of(&cas, &resp).await);
+    let got = tokio::time::timeout(Duration::from_secs(10), accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, "ping\n");
+}
+
+#[tokio::test]
+async fn loopback_works_inside_the_sandbox_and_is_private_per_slot() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    // A server and a client inside the same action talk over 127.0.0.1.
+    let mut cmd = sh("ip -br addr show lo > lo 2>&1 || echo no-ip > lo");
+    cmd.output_paths = vec!["lo".into()];
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let lo = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["lo"]).await).unwrap();
+    if !lo.starts_with("no-ip") {
+        assert!(lo.contains("127.0.0.1"), "{lo}");
+        assert!(lo.contains("UNKNOWN") || lo.contains("UP"), "{lo}");
+    }
+}
+
+fn token() -> String {
+    // A sleep argument no other process on the machine has.
+    format!("{}.{}", 3000 + std::process::id() % 1000, rand_digits())
+}
+
+fn rand_digits() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+}
+
+/// A command whose children and grandchildren sleep, one in a new session
+/// and process group (so only a PID namespace can find it).
+fn tree_script(tok: &str) -> String {
+    format!(
+        "sleep {tok} & (sleep {tok} & sleep {tok}) & setsid sh -c 'sleep {tok}' & \
+         trap '' TERM; echo started > started; wait"
+    )
+}
+
+async fn wait_for_processes(tok: &str, n: usize) {
+    let start = Instant::now();
+    while processes_with(tok).len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "processes never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_gone(tok: &str) {
+    // The worker returns after the whole tree is reaped; allow the kernel a
+    // moment to drop /proc entries of zombies being reaped.
+    let start = Instant::now();
+    while !processes_with(tok).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "processes survived: {:?}",
+            processes_with(tok)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn timeout_is_deadline_exceeded_and_kills_the_process_tree() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    let tok = token();
+    let mut cmd = sh(&format!("echo before-timeout; {}", tree_script(&tok)));
+    cmd.output_paths = vec!["started".into()];
+    let start = Instant::now();
+    let resp = run(&exec, job(&cas, cmd, root, Duration::from_secs(2)).await).await;
+    let took = start.elapsed();
+    assert_eq!(
+        code(&resp),
+        tonic::Code::DeadlineExceeded as i32,
+        "{:?}",
+        resp.status
+    );
+    // The shell ignores SIGTERM: SIGKILL after the 500 ms grace.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    wait_gone(&tok).await;
+    // What was captured is still reported.
+    assert_eq!(stdout_of(&cas, &resp).await, "before-timeout\n");
+    assert!(resp.result.unwrap().execution_metadata.is_some());
+}
+
+#[tokio::test]
+async fn cancel_kills_the_process_tree() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    let tok = token();
+    let j = job(&cas, sh(&tree_script(&tok)), root, T).await;
+    let cancel = CancellationToken::new();
+    let e = exec.clone();
+    let c = cancel.clone();
+    let task = tokio::spawn(async move { e.execute(j, c).await });
+    wait_for_processes(&tok, 4).await;
+    let start = Instant::now();
+    cancel.cancel();
+    let resp = tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code(&resp), tonic::Code::Cancelled as i32, "{:?}", resp.status);
+    assert!(start.elapsed() < Duration::from_secs(10));
+    wait_gone(&tok).await;
+    assert!(list_files(&tmp.path().join("work")).is_empty());
+}
+
+#[tokio::test]
+async fn background_processes_do_not_outlive_the_command() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    let tok = token();
+    let resp = run(
+        &exec,
+        job(
+            &cas,
+            sh(&format!("setsid sleep {tok} & sleep {tok} & exit 0")),
+            root,
+            T,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(code(&resp), 0);
+    assert_eq!(resp.result.unwrap().exit_code, 0);
+    wait_gone(&tok).await;
+}
+
+#[tokio::test]
+async fn unsandboxed_mode_kills_the_process_group() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.sandbox.enabled = false;
+    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    let root = TreeSpec::default().upload(&cas).await;
+    let tok = token();
+    let resp = run(
+        &exec,
+        job(
+            &cas,
+            sh(&format!("sleep {tok} & (sleep {tok} &); wait")),
+            root,
+            Duration::from_secs(1),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        code(&resp),
+        tonic::Code::DeadlineExceeded as i32,
+        "{:?}",
+        resp.status
+    );
+    wait_gone(&tok).await;
+}
+
+/// Measures a no-op action end to end and prints the figures; the bound
+/// only catches pathological regressions on a loaded 2-core machine.
+#[tokio::test]
+async fn noop_action_overhead() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    let mut cmd = sh("true");
+    cmd.arguments = vec!["/bin/true".into()];
+    let j = job(&cas, cmd, root, T).await;
+    let n = 40;
+    // Warm up (connections, capabilities).
+    for _ in 0..3 {
+        assert_eq!(code(&run(&exec, j.clone()).await), 0);
+    }
+    let mut cfg = config(&tmp.path().join("unsandboxed"));
+    cfg.sandbox.enabled = false;
+    let plain = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(code(&run(&plain, j.clone()).await), 0);
+    }
+    // Interleaved rounds so that machine noise hits every variant alike.
+    let variants = ["sandbox, no network", "sandbox, network on", "unsandboxed"];
+    let mut total = [Duration::ZERO; 3];
+    let mut in_run = [Duration::ZERO; 3];
+    for _ in 0..n {
+        for (i, _) in variants.iter().enumerate() {
+            let mut jj = j.clone();
+            if i == 1 {
+                jj.platform = network_on();
+            }
+            let e = if i == 2 { &plain } else { &exec };
+            let start = Instant::now();
+            let resp = run(e, jj).await;
+            total[i] += start.elapsed();
+            assert_eq!(code(&resp), 0);
+            let md = resp.result.unwrap().execution_metadata.unwrap();
+            let (a, b) = (
+                md.execution_start_timestamp.unwrap(),
+                md.execution_completed_timestamp.unwrap(),
+            );
+            in_run[i] += Duration::from_nanos(
+                ((b.seconds - a.seconds) * 1_000_000_000 + (b.nanos - a.nanos) as i64) as u64,
+            );
+        }
+    }
+    for (i, name) in variants.iter().enumerate() {
+        let per = total[i] / n;
+        println!(
+            "no-op action ({name}): {:.2} ms end to end, {:.2} ms running the command",
+            per.as_secs_f64() * 1e3,
+            (in_run[i] / n).as_secs_f64() * 1e3
+        );
+        assert!(per < Duration::from_millis(500), "{per:?} per no-op action");
+    }
+    // Concurrency: 2 slots busy at once.
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let e = exec.clone();
+        let jj = j.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / 2 {
+                assert_eq!(code(&e.execute(jj.clone(), CancellationToken::new()).await), 0);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!(
+        "no-op actions, 2 concurrent: {:.0} actions/s",
+        n as f64 / start.elapsed().as_secs_f64()
+    );
+}
