@@ -380,59 +380,125 @@ fn exit_code_of(status: std::process::ExitStatus) -> i32 {
 }
 
 /// Private mounts: the whole tree becomes private (nothing propagates to
-/// the host), `--tmpfs` directories get an empty tmpfs, `--hide`
-/// directories (the worker's work and cache directories) are covered by an
-/// empty tmpfs, and the action's own directory is bound back at its path.
+/// the host) and read-only; `--tmpfs` directories get an empty, writable
+/// tmpfs; `--hide` directories (the worker's work and cache directories)
+/// are covered by an empty tmpfs; the action's own directory is bound back
+/// at its path, writable. So an action can write only its directory and
+/// its private tmpfs's.
 fn setup_mounts(a: &Args, dir: &Path) -> Result<(), String> {
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(errno("making / private"))?;
     // Opened in the new mount namespace (a bind source must belong to it),
     // before anything covers it.
     let dir_handle = std::fs::File::open(dir).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+    let dir_flags = nix::sys::statvfs::fstatvfs(&dir_handle)
+        .map(|s| ms_flags_of(s.flags()))
+        .map_err(errno("statvfs of the action directory"))?;
+    make_read_only()?;
     let mut covered: Vec<&Path> = Vec::new();
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     for t in &a.tmpfs {
         if !t.is_dir() {
             continue;
         }
-        mount(
-            Some("tmpfs"),
-            t.as_path(),
-            Some("tmpfs"),
-            flags,
-            Some("mode=1777"),
-        )
-        .map_err(|e| format!("mounting a tmpfs on {}: {e}", t.display()))?;
+        mount(Some("tmpfs"), t.as_path(), Some("tmpfs"), flags, Some("mode=1777"))
+            .map_err(|e| format!("mounting a tmpfs on {}: {e}", t.display()))?;
         covered.push(t);
     }
     for h in &a.hide {
         if covered.iter().any(|c| h.starts_with(c)) || !h.is_dir() {
             continue;
         }
-        mount(
-            Some("tmpfs"),
-            h.as_path(),
-            Some("tmpfs"),
-            flags,
-            Some("mode=0755"),
-        )
-        .map_err(|e| format!("hiding {}: {e}", h.display()))?;
+        mount(Some("tmpfs"), h.as_path(), Some("tmpfs"), flags, Some("mode=0755"))
+            .map_err(|e| format!("hiding {}: {e}", h.display()))?;
         covered.push(h);
     }
     if covered.iter().any(|c| dir.starts_with(c)) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("creating {} in the sandbox: {e}", dir.display()))?;
-        let source = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_handle));
-        mount(
-            Some(source.as_str()),
-            dir,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        )
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {} in the sandbox: {e}", dir.display()))?;
+    }
+    let source = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_handle));
+    mount(Some(source.as_str()), dir, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
         .map_err(|e| format!("binding {} into the sandbox: {e}", dir.display()))?;
+    // The bind copied the read-only flag: make this one mount writable.
+    mount(
+        none,
+        dir,
+        none,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | dir_flags,
+        none,
+    )
+    .map_err(|e| format!("making {} writable: {e}", dir.display()))?;
+    Ok(())
+}
+
+/// Per-mount flags to keep when remounting (locked in a user namespace:
+/// dropping one would fail).
+fn ms_flags_of(f: nix::sys::statvfs::FsFlags) -> MsFlags {
+    use nix::sys::statvfs::FsFlags;
+    let mut m = MsFlags::empty();
+    for (st, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(st) {
+            m |= ms;
+        }
+    }
+    m
+}
+
+/// Remounts every mount read-only (keeping its other flags). `/` must
+/// succeed; a mount that cannot be reached or changed is left as it is.
+fn make_read_only() -> Result<(), String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading mountinfo: {e}"))?;
+    let none: Option<&str> = None;
+    for line in info.lines() {
+        let Some(point) = line.split(' ').nth(4).map(unescape_mount_path) else {
+            continue;
+        };
+        let flags = match nix::sys::statvfs::statvfs(point.as_str()) {
+            Ok(s) => ms_flags_of(s.flags()),
+            Err(_) if point != "/" => continue,
+            Err(e) => return Err(format!("statvfs of /: {e}")),
+        };
+        let r = mount(
+            none,
+            point.as_str(),
+            none,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | flags,
+            none,
+        );
+        if let Err(e) = r
+            && point == "/"
+        {
+            return Err(format!("making / read-only: {e}"));
+        }
     }
     Ok(())
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mount_path(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len() + 0
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Stage 2: runs the command and supervises every process of the action.
@@ -670,6 +736,13 @@ mod tests {
             }
         );
         assert!(parse_report("nothing").is_none());
+    }
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        assert_eq!(unescape_mount_path("/x\\"), "/x\\");
     }
 
     #[test]
