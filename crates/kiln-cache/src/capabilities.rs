@@ -64,7 +64,7 @@ impl CapabilitiesService {
         };
         Ok(ServerCapabilities {
             cache_capabilities: Some(cache),
-            execution_capabilities: None,
+            execution_capabilities: self.instances.execution_capabilities(instance_name),
             deprecated_api_version: Some(semver(LOW_API_VERSION)),
             low_api_version: Some(semver(LOW_API_VERSION)),
             high_api_version: Some(semver(HIGH_API_VERSION)),

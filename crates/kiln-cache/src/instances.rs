@@ -1,7 +1,9 @@
 //! Instance names and the stores and limits behind each.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use kiln_proto::reapi::ExecutionCapabilities;
 
 use kiln_digest::DigestFunction;
 use kiln_store::Store;
@@ -76,10 +78,14 @@ impl Instance {
     }
 }
 
+/// Reports an instance's ExecutionCapabilities (set by the scheduler).
+pub type ExecutionCapabilitiesFn = dyn Fn(&str) -> Option<ExecutionCapabilities> + Send + Sync;
+
 /// All instances served, by name ("" is a valid name).
 pub struct Instances {
     by_name: HashMap<String, Arc<Instance>>,
     limits: CacheLimits,
+    execution: OnceLock<Box<ExecutionCapabilitiesFn>>,
 }
 
 impl Instances {
@@ -90,7 +96,21 @@ impl Instances {
                 .map(|i| (i.name.clone(), Arc::new(i)))
                 .collect(),
             limits,
+            execution: OnceLock::new(),
         }
+    }
+
+    /// Installs the source of ExecutionCapabilities (once, when a scheduler
+    /// serves these instances); without it Capabilities reports no execution.
+    pub fn set_execution_capabilities(&self, f: Box<ExecutionCapabilitiesFn>) {
+        if self.execution.set(f).is_err() {
+            tracing::warn!("execution capabilities were already set; keeping the first");
+        }
+    }
+
+    /// The ExecutionCapabilities of instance `name`, if execution is served.
+    pub fn execution_capabilities(&self, name: &str) -> Option<ExecutionCapabilities> {
+        self.execution.get().and_then(|f| f(name))
     }
 
     /// The instance called `name`, or INVALID_ARGUMENT naming the known ones.

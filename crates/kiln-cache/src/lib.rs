@@ -10,7 +10,7 @@ pub mod get_tree;
 mod instances;
 
 pub use error::{CacheError, CacheResult};
-pub use instances::{CacheLimits, Instance, Instances};
+pub use instances::{CacheLimits, ExecutionCapabilitiesFn, Instance, Instances};
 
 use std::sync::Arc;
 

@@ -154,13 +154,22 @@ mod tests {
         assert!(DigestFunction::infer(63).is_err());
         // An explicit BLAKE3 wins over the SHA-256 length inference.
         let blake = DigestFunction::to_proto(DigestFunction::Blake3) as i32;
-        assert_eq!(DigestFunction::resolve(blake, &"a".repeat(64)), Ok(DigestFunction::Blake3));
-        assert_eq!(DigestFunction::resolve(0, &"a".repeat(64)), Ok(DigestFunction::Sha256));
+        assert_eq!(
+            DigestFunction::resolve(blake, &"a".repeat(64)),
+            Ok(DigestFunction::Blake3)
+        );
+        assert_eq!(
+            DigestFunction::resolve(0, &"a".repeat(64)),
+            Ok(DigestFunction::Sha256)
+        );
     }
 
     #[test]
     fn unimplemented_functions_rejected() {
         let tree = ProtoFn::Sha256tree as i32;
-        assert!(matches!(DigestFunction::from_proto(tree), Err(DigestError::Unsupported(_))));
+        assert!(matches!(
+            DigestFunction::from_proto(tree),
+            Err(DigestError::Unsupported(_))
+        ));
     }
 }

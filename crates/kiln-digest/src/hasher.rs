@@ -113,12 +113,21 @@ mod tests {
     #[test]
     fn known_vectors() {
         let cases = [
-            (DigestFunction::Sha256, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"),
+            (
+                DigestFunction::Sha256,
+                "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+            ),
             (DigestFunction::Sha1, "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"),
             (DigestFunction::Md5, "5d41402abc4b2a76b9719d911017c592"),
-            (DigestFunction::Blake3, "ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f"),
+            (
+                DigestFunction::Blake3,
+                "ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f",
+            ),
             // `echo -n hello | git hash-object --stdin`
-            (DigestFunction::GitSha1, "b6fc4c620b67d95f953a5c1c1230aaab5db5a1b0"),
+            (
+                DigestFunction::GitSha1,
+                "b6fc4c620b67d95f953a5c1c1230aaab5db5a1b0",
+            ),
         ];
         for (f, want) in cases {
             assert_eq!(hex::encode(hash_bytes(f, b"hello")), want, "{f}");
@@ -132,7 +141,10 @@ mod tests {
         let key = BlobKey::of(DigestFunction::Sha256, b"abc");
         assert!(key.verify(b"abc").is_ok());
         assert!(matches!(key.verify(b"abd"), Err(DigestError::Mismatch { .. })));
-        assert!(matches!(key.verify(b"abcd"), Err(DigestError::SizeMismatch { .. })));
+        assert!(matches!(
+            key.verify(b"abcd"),
+            Err(DigestError::SizeMismatch { .. })
+        ));
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl BlobKey {
             expected: function.hex_len(),
         };
         if hash.len() != function.hex_len()
-            || !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(bad());
         }

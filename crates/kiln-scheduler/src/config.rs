@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// How a platform property of an action is matched against workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PropertyRule {
     /// The worker must list the property with exactly the requested value.
@@ -23,7 +24,7 @@ pub enum PropertyRule {
     Ignore,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
     /// Rule per platform property name. Default: empty (every property is
@@ -32,23 +33,28 @@ pub struct SchedulerConfig {
     /// Rule for properties not listed in `property_rules`. Default `exact`.
     pub default_property_rule: PropertyRule,
     /// Timeout of an action whose Action.timeout is unset. Default 15 min.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub default_action_timeout: Duration,
     /// Upper bound of any action's timeout (effective timeout =
     /// min(Action.timeout, this)). Default 1 h.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub max_action_timeout: Duration,
     /// Extra time the scheduler grants past an action's timeout before it
     /// cancels the lease itself and reports DEADLINE_EXCEEDED (the worker
     /// normally enforces the timeout first). Default 30 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub lease_grace: Duration,
     /// How often workers send heartbeats. Default 5 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub heartbeat_interval: Duration,
     /// A worker silent for this long is declared lost and its actions are
     /// re-queued. Default 30 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub heartbeat_timeout: Duration,
     /// Times an action is assigned before the scheduler gives up after
     /// losing the workers running it (UNAVAILABLE). Default 3.
@@ -57,27 +63,33 @@ pub struct SchedulerConfig {
     /// (e.g. no worker at all yet) before failing with FAILED_PRECONDITION.
     /// When workers are registered and none could ever run the action, it
     /// fails at once. Default 30 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub no_worker_wait: Duration,
     /// An unfinished operation nobody watches (no Execute/WaitExecution
     /// stream, no GetOperation) for this long is cancelled. Default 60 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub unwatched_grace: Duration,
     /// Completed operations stay queryable this long. Default 5 min.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub completed_retention: Duration,
     /// At most this many completed operations are kept. Default 10000.
     pub max_completed_operations: usize,
     /// Waiting this long raises an action's priority by one level (lower
     /// value = sooner), until it reaches the default priority 0, so
     /// low-priority work still progresses. Default 30 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub aging_interval: Duration,
     /// Period of the reaper that enforces every deadline above. Default 100 ms.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub tick_interval: Duration,
     /// Longest WaitOperation. Default 60 s.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    #[schemars(with = "String")]
     pub max_wait_operation: Duration,
     /// Largest blob (Action, Command or Directory) the scheduler reads to
     /// validate an action. Default 16 MiB.
@@ -137,6 +149,10 @@ impl SchedulerConfig {
         }
         Ok(())
     }
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use kiln_cache::Instances;
+use kiln_scheduler::Scheduler;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -18,20 +19,36 @@ pub const SERVICE_NAMES: &[&str] = &[
     "google.bytestream.ByteStream",
 ];
 
+/// Services added when remote execution is enabled.
+pub const EXECUTION_SERVICE_NAMES: &[&str] = &[
+    "build.bazel.remote.execution.v2.Execution",
+    "google.longrunning.Operations",
+    "kiln.worker.v1.WorkerApi",
+];
+
 /// Serves until `shutdown` resolves. Every accepted socket gets
 /// TCP_NODELAY: without it small round trips wait ~40 ms on Nagle's
 /// algorithm and delayed ACKs.
 pub async fn serve(
     listener: TcpListener,
     instances: Arc<Instances>,
+    scheduler: Option<Arc<Scheduler>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    for name in SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
+    let execution = if scheduler.is_some() {
+        EXECUTION_SERVICE_NAMES
+    } else {
+        &[]
+    };
+    for name in SERVICE_NAMES.iter().chain(execution).chain(std::iter::once(&"")) {
         reporter.set_service_status(*name, ServingStatus::Serving).await;
     }
     let mut routes = tonic::service::RoutesBuilder::default();
     kiln_cache::add_routes(&mut routes, instances);
+    if let Some(s) = &scheduler {
+        s.add_routes(&mut routes);
+    }
     routes.add_service(health);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use kiln_cache::{CacheLimits, Instance, Instances};
 use kiln_digest::DigestFunction;
+use kiln_scheduler::Scheduler;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -28,6 +29,8 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub instances: Arc<Instances>,
+    /// The scheduler, when the config enables remote execution.
+    pub scheduler: Option<Arc<Scheduler>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), ServerError>>>,
 }
@@ -102,6 +105,22 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
         inst
     });
     let instances = Arc::new(Instances::new(instances.collect::<Vec<_>>(), limits));
+    let scheduler = match &config.scheduler {
+        Some(sc) => {
+            let scheduler = Scheduler::new(sc.clone(), instances.clone()).map_err(|e| {
+                ServerError::Config(crate::config::ConfigError::Invalid {
+                    origin: "[scheduler]".into(),
+                    message: e.to_string(),
+                })
+            })?;
+            let weak = Arc::downgrade(&scheduler);
+            instances.set_execution_capabilities(Box::new(move |name| {
+                weak.upgrade().and_then(|s| s.execution_capabilities(name))
+            }));
+            Some(scheduler)
+        }
+        None => None,
+    };
 
     let grpc_listener = bind(overrides.listen.unwrap_or(config.server.listen), "gRPC").await?;
     let http_listener = bind(overrides.http_listen.unwrap_or(config.server.http_listen), "HTTP").await?;
@@ -115,7 +134,12 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
     let http_addr = local(&http_listener)?;
 
     let (shutdown, rx) = watch::channel(false);
-    let grpc_task = tokio::spawn(grpc::serve(grpc_listener, instances.clone(), signal(&rx)));
+    let grpc_task = tokio::spawn(grpc::serve(
+        grpc_listener,
+        instances.clone(),
+        scheduler.clone(),
+        signal(&rx),
+    ));
     let named_stores = stores.by_name.into_iter().collect();
     let http_task = tokio::spawn(http::serve(
         http_listener,
@@ -129,6 +153,7 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
         http_addr,
         data_dir,
         instances,
+        scheduler,
         shutdown,
         tasks: vec![grpc_task, http_task],
     })

@@ -56,7 +56,9 @@ pub async fn build_stores(config: &Config, data_dir: &Path) -> Result<BuiltStore
                     built.disks.push((name.clone(), disk.clone()));
                     disk
                 }
-                StoreConfig::Tiered(t) => Arc::new(TieredStore::new(get(t.fast.get_ref()), get(t.slow.get_ref()))),
+                StoreConfig::Tiered(t) => {
+                    Arc::new(TieredStore::new(get(t.fast.get_ref()), get(t.slow.get_ref())))
+                }
                 StoreConfig::Compressed(c) => Arc::new(CompressedStore::new(get(c.inner.get_ref()), c.level)),
                 StoreConfig::ExistenceCache(e) => Arc::new(ExistenceCache::new(
                     get(e.inner.get_ref()),

@@ -31,7 +31,10 @@ pub fn compress(data: &[u8], level: i32) -> StoreResult<Bytes> {
 pub fn decompress(data: &[u8], size: u64) -> StoreResult<Bytes> {
     let out = zstd::bulk::decompress(data, size as usize).map_err(|e| corrupt(None, e))?;
     if out.len() as u64 != size {
-        return Err(corrupt(None, format!("decoded {} bytes, expected {size}", out.len())));
+        return Err(corrupt(
+            None,
+            format!("decoded {} bytes, expected {size}", out.len()),
+        ));
     }
     Ok(Bytes::from(out))
 }
@@ -209,7 +212,10 @@ mod tests {
                 stored_len: z.len() as u64,
                 stream: chunks(&z, 777),
             };
-            assert_eq!(collect(identity_stream(read, offset)).await, &data[offset as usize..]);
+            assert_eq!(
+                collect(identity_stream(read, offset)).await,
+                &data[offset as usize..]
+            );
         }
     }
 
@@ -221,6 +227,11 @@ mod tests {
             stored_len: 5,
             stream: chunks(b"nope!", 5),
         };
-        assert!(identity_stream(read, 0).try_collect::<Vec<Bytes>>().await.is_err());
+        assert!(
+            identity_stream(read, 0)
+                .try_collect::<Vec<Bytes>>()
+                .await
+                .is_err()
+        );
     }
 }

@@ -116,8 +116,9 @@ pub struct SandboxConfig {
     /// Group id paired with `uid`. Default: 65534.
     #[serde(default = "default_nobody")]
     pub gid: u32,
-    /// Directories that get a private, empty tmpfs in every sandbox.
-    /// Default: ["/tmp", "/dev/shm"] (those that exist).
+    /// Directories that get a private, empty, writable tmpfs in every
+    /// sandbox (everything else but the action's directory is read-only).
+    /// Default: ["/tmp", "/var/tmp", "/dev/shm"] (those that exist).
     #[serde(default = "default_tmpfs")]
     pub tmpfs: Vec<PathBuf>,
     /// Host name inside the sandbox. Default: "localhost".
@@ -200,7 +201,11 @@ fn default_nobody() -> u32 {
 }
 
 fn default_tmpfs() -> Vec<PathBuf> {
-    vec![PathBuf::from("/tmp"), PathBuf::from("/dev/shm")]
+    vec![
+        PathBuf::from("/tmp"),
+        PathBuf::from("/var/tmp"),
+        PathBuf::from("/dev/shm"),
+    ]
 }
 
 fn default_hostname() -> String {

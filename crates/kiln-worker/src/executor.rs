@@ -281,7 +281,11 @@ impl Executor {
             stdout: action_dir.join("stdout"),
             stderr: action_dir.join("stderr"),
             network,
-            timeout: job.timeout,
+            timeout: if job.timeout.is_zero() {
+                DEFAULT_TIMEOUT
+            } else {
+                job.timeout
+            },
         };
         md.execution_start_timestamp = Some(now());
         let outcome = self.sandbox.run(&spec, cancel).await?;

@@ -114,7 +114,13 @@ pub struct Worker {
     /// Whether the last session got as far as `Registered` (resets the
     /// reconnect back-off).
     last_session_registered: AtomicBool,
+    /// When draining started.
+    drain_started: Mutex<Option<tokio::time::Instant>>,
 }
+
+/// After the drain deadline, how long a worker keeps trying to deliver
+/// results to an unreachable scheduler before it leaves anyway.
+const UNDELIVERED_GRACE: Duration = Duration::from_secs(30);
 
 /// How one stream ended.
 enum SessionEnd {
@@ -140,6 +146,7 @@ impl Worker {
             outbox_notify: Notify::new(),
             draining: AtomicBool::new(false),
             last_session_registered: AtomicBool::new(false),
+            drain_started: Mutex::new(None),
         })
     }
 
@@ -220,6 +227,15 @@ impl Worker {
                 if self.idle() {
                     return Ok(());
                 }
+                if self.drain_expired() && self.leases.lock().is_empty() {
+                    let lost = self.outbox.lock().len();
+                    tracing::warn!(
+                        worker = %self.id,
+                        undelivered = lost,
+                        "the scheduler stayed unreachable while draining; leaving without delivering every update"
+                    );
+                    return Ok(());
+                }
             }
             match self.session(&scheduler, &drain).await {
                 SessionEnd::Done => return Ok(()),
@@ -254,11 +270,19 @@ impl Worker {
         }
     }
 
+    /// Whether the drain deadline and the grace for undelivered results
+    /// have both passed.
+    fn drain_expired(&self) -> bool {
+        let limit = self.executor.config().drain_timeout + UNDELIVERED_GRACE;
+        self.drain_started.lock().is_some_and(|t| t.elapsed() > limit)
+    }
+
     /// Marks the worker draining and arms the drain deadline (once).
     fn begin_drain(self: &Arc<Self>) {
         if self.draining.swap(true, Ordering::SeqCst) {
             return;
         }
+        *self.drain_started.lock() = Some(tokio::time::Instant::now());
         let me = self.clone();
         let deadline = self.executor.config().drain_timeout;
         kiln_store::task::spawn("worker-drain-deadline", async move {

@@ -416,7 +416,8 @@ async fn sandbox_hides_worker_directories_and_gives_private_tmp() {
     let leak = std::env::temp_dir().join(format!("kiln-sandbox-leak-{}", std::process::id()));
     let root = TreeSpec::default().file("f", b"x").upload(&cas).await;
     let script = format!(
-        "ls {cache} | wc -l > o; test -e {marker}; echo $? >> o; echo hi > {leak}; id -u >> o; hostname >> o",
+        "ls {cache} | wc -l > o; test -e {marker}; echo $? >> o; echo hi > {leak}; id -u >> o; hostname >> o; \
+         touch /etc/kiln-ro-probe 2>&1 | grep -c 'Read-only' >> o; touch /tmp/private && echo tmp-ok >> o",
         cache = cache_dir.display(),
         marker = marker.display(),
         leak = leak.display()
@@ -432,5 +433,7 @@ async fn sandbox_hides_worker_directories_and_gives_private_tmp() {
     assert_eq!(lines[1], "1", "the host's /tmp is visible in the sandbox");
     assert_ne!(lines[2], "0", "the action runs as root");
     assert_eq!(lines[3], "localhost");
+    assert_eq!(lines[4], "1", "the host file system is writable from the sandbox");
+    assert_eq!(lines[5], "tmp-ok");
     assert!(!leak.exists(), "the sandbox wrote into the host's /tmp");
 }

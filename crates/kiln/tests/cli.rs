@@ -25,7 +25,9 @@ async fn embedded_default_serves_health_and_capabilities() {
     ]);
     // The default prints its data directory and the Bazel flags.
     assert!(
-        kiln.stdout_lines.iter().any(|l| l.contains(data.to_str().unwrap())),
+        kiln.stdout_lines
+            .iter()
+            .any(|l| l.contains(data.to_str().unwrap())),
         "{:?}",
         kiln.stdout_lines
     );
@@ -83,7 +85,10 @@ fn check_config(text: &str) -> (i32, String, String) {
 
 #[test]
 fn check_config_accepts_the_default_and_rejects_mistakes_with_line_and_hint() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("default-config").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("default-config")
+        .output()
+        .unwrap();
     let (code, stdout, _) = check_config(&String::from_utf8(out.stdout).unwrap());
     assert_eq!(code, 0, "{stdout}");
 
@@ -91,7 +96,10 @@ fn check_config_accepts_the_default_and_rejects_mistakes_with_line_and_hint() {
         "[stores.a.memory]\ncapacity = \"1 GiB\"\nevict = \"lru\"\n\n[[instances]]\ncas = \"a\"\nac = \"a\"\n",
     );
     assert_eq!(code, 2);
-    assert!(err.contains("line 3") && err.contains("evict") && err.contains("capacity"), "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("evict") && err.contains("capacity"),
+        "{err}"
+    );
 
     let (code, _, err) = check_config(
         "[stores.a.disk]\npath = \"x\"\ncapacity = \"-5\"\n\n[[instances]]\ncas = \"a\"\nac = \"a\"\n",

@@ -14,9 +14,9 @@ use futures::StreamExt;
 use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
+use kiln_proto::reapi::BatchUpdateBlobsRequest;
 use kiln_proto::reapi::batch_update_blobs_request::Request as UpdateItem;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_proto::reapi::BatchUpdateBlobsRequest;
 use rand::{Rng, RngCore, SeedableRng};
 use tonic::transport::Channel;
 
@@ -74,7 +74,12 @@ async fn upload(channel: Channel, data: Bytes) -> Result<(), tonic::Status> {
         };
     }
     let mut bs = ByteStreamClient::new(channel);
-    let resource = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), key.hash_hex(), data.len());
+    let resource = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        key.hash_hex(),
+        data.len()
+    );
     let chunk = 64 << 10;
     let n = data.len().div_ceil(chunk);
     let reqs: Vec<WriteRequest> = (0..n)
@@ -98,7 +103,10 @@ async fn upload(channel: Channel, data: Bytes) -> Result<(), tonic::Status> {
     if resp.committed_size == data.len() as i64 {
         Ok(())
     } else {
-        Err(tonic::Status::internal(format!("committed {}", resp.committed_size)))
+        Err(tonic::Status::internal(format!(
+            "committed {}",
+            resp.committed_size
+        )))
     }
 }
 
@@ -134,7 +142,9 @@ fn verify_disk(root: &Path) -> (u64, u64) {
     let (mut count, mut bytes) = (0, 0);
     let mut stack = vec![root.join("blobs")];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let path = e.path();
             if e.file_type().unwrap().is_dir() {
@@ -148,7 +158,8 @@ fn verify_disk(root: &Path) -> (u64, u64) {
             if let Some((hash, size)) = name.split_once('-') {
                 if !name.contains('.') {
                     let key = BlobKey::from_hex(DigestFunction::Sha256, hash, size.parse().unwrap()).unwrap();
-                    key.verify(&data).unwrap_or_else(|e| panic!("partial or corrupt blob visible at {path:?}: {e}"));
+                    key.verify(&data)
+                        .unwrap_or_else(|e| panic!("partial or corrupt blob visible at {path:?}: {e}"));
                 }
             }
         }
@@ -191,11 +202,21 @@ async fn kill_minus_nine_during_uploads_loses_nothing_acknowledged() {
     let started = next.load(std::sync::atomic::Ordering::SeqCst).min(blobs.len());
     server.kill9();
     for w in workers {
-        tokio::time::timeout(Duration::from_secs(30), w).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), w)
+            .await
+            .unwrap()
+            .unwrap();
     }
     let acked = acked.take();
-    assert!(acked.len() >= 50, "too few uploads acknowledged before the kill: {}", acked.len());
-    assert!(started > acked.len(), "some uploads must have been in flight at the kill");
+    assert!(
+        acked.len() >= 50,
+        "too few uploads acknowledged before the kill: {}",
+        acked.len()
+    );
+    assert!(
+        started > acked.len(),
+        "some uploads must have been in flight at the kill"
+    );
 
     // Restart on the same data directory and check everything at once.
     let server = KilnProcess::with_config(dir.path(), CONFIG);

@@ -30,9 +30,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 f.write_str("a duration such as \"30s\", \"10m\" or \"1h 30m\"")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-                humantime::parse_duration(v)
-                    .map(HumanDuration)
-                    .map_err(|e| E::custom(format!("{v:?} is not a duration ({e}); write e.g. \"30s\" or \"10m\"")))
+                humantime::parse_duration(v).map(HumanDuration).map_err(|e| {
+                    E::custom(format!(
+                        "{v:?} is not a duration ({e}); write e.g. \"30s\" or \"10m\""
+                    ))
+                })
             }
         }
         d.deserialize_str(V)

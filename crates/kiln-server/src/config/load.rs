@@ -55,7 +55,11 @@ fn with_hint(e: toml::de::Error) -> String {
 
 /// 1-based line number of a byte offset in `text`.
 pub(super) fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]

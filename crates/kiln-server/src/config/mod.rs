@@ -22,9 +22,9 @@ use toml::Spanned;
 
 pub use duration::HumanDuration;
 pub use load::{ConfigError, default_config_text, load_file, parse};
-pub use validate::children as store_children;
 pub use reference::reference_markdown;
 pub use size::ByteSize;
+pub use validate::children as store_children;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -40,6 +40,11 @@ pub struct Config {
     pub stores: std::collections::BTreeMap<String, StoreConfig>,
     /// Instance names served, each with its CAS and Action Cache store.
     pub instances: Vec<InstanceConfig>,
+    /// Remote execution. With a `[scheduler]` table Kiln also serves the
+    /// Execution and Operations services for every instance and accepts
+    /// workers on the gRPC port. Default: absent (cache only).
+    #[serde(default)]
+    pub scheduler: Option<kiln_scheduler::SchedulerConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

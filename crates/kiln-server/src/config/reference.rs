@@ -73,6 +73,25 @@ pub fn reference_markdown() -> String {
     out.push_str("\n## `[[instances]]`\n\n");
     push_description(&mut out, &defs["InstanceConfig"]);
     push_table(&mut out, &defs["InstanceConfig"], &defs);
+    out.push_str("\n## `[scheduler]`\n\n");
+    push_description(&mut out, &root["properties"]["scheduler"]);
+    push_table(&mut out, &defs["SchedulerConfig"], &defs);
+    out.push_str("\nProperty rules: ");
+    let rules: Vec<String> = defs["PropertyRule"]["oneOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let name = r["const"]
+                .as_str()
+                .or_else(|| r["enum"][0].as_str())
+                .unwrap_or("?");
+            let desc = r["description"].as_str().unwrap_or("").replace('\n', " ");
+            format!("`{name}`: {desc}")
+        })
+        .collect();
+    out.push_str(&rules.join("; "));
+    out.push('\n');
     out
 }
 
@@ -110,7 +129,10 @@ fn type_name(schema: &Value) -> String {
         _ => schema
             .get("anyOf")
             .and_then(Value::as_array)
-            .and_then(|a| a.iter().find(|s| s.get("type") != Some(&Value::String("null".into()))))
+            .and_then(|a| {
+                a.iter()
+                    .find(|s| s.get("type") != Some(&Value::String("null".into())))
+            })
             .map(type_name)
             .unwrap_or_else(|| "value".into()),
     }
@@ -134,7 +156,10 @@ fn push_table(out: &mut String, schema: &Value, defs: &Value) {
             .map(|d| d.replace('\n', " "))
             .unwrap_or_default();
         let _ = defs;
-        out.push_str(&format!("| `{key}` | {} | {default} | {desc} |\n", type_name(prop)));
+        out.push_str(&format!(
+            "| `{key}` | {} | {default} | {desc} |\n",
+            type_name(prop)
+        ));
     }
 }
 
@@ -160,7 +185,13 @@ mod tests {
     #[test]
     fn reference_covers_every_store_type_and_default() {
         let md = reference_markdown();
-        for t in ["`memory`", "`disk`", "`tiered`", "`compressed`", "`existence_cache`"] {
+        for t in [
+            "`memory`",
+            "`disk`",
+            "`tiered`",
+            "`compressed`",
+            "`existence_cache`",
+        ] {
             assert!(md.contains(t), "{t} missing");
         }
         assert!(md.contains("`\"4 MiB\"`"), "batch default shown");

@@ -44,7 +44,10 @@ pub(super) fn validate(config: &Config, text: &str) -> Result<(), String> {
                 check_ref(&t.fast)?;
                 check_ref(&t.slow)?;
                 if t.fast.get_ref() == t.slow.get_ref() {
-                    return Err(format!("{}: store {name:?} tiers a store in front of itself", at(&t.fast)));
+                    return Err(format!(
+                        "{}: store {name:?} tiers a store in front of itself",
+                        at(&t.fast)
+                    ));
                 }
             }
             StoreConfig::Compressed(c) => {
@@ -66,7 +69,9 @@ pub(super) fn validate(config: &Config, text: &str) -> Result<(), String> {
         find_cycle(stores, name, &mut Vec::new())?;
     }
     if config.instances.is_empty() {
-        return Err("no [[instances]]: declare at least one, e.g. name = \"\", cas = \"cas\", ac = \"ac\"".into());
+        return Err(
+            "no [[instances]]: declare at least one, e.g. name = \"\", cas = \"cas\", ac = \"ac\"".into(),
+        );
     }
     let mut seen = HashSet::new();
     for inst in &config.instances {
@@ -114,7 +119,11 @@ const RESERVED: &[&str] = &[
 ];
 
 fn names(stores: &BTreeMap<String, StoreConfig>) -> String {
-    stores.keys().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")
+    stores
+        .keys()
+        .map(|k| format!("{k:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Children a store refers to.
@@ -134,7 +143,10 @@ fn find_cycle<'a>(
 ) -> Result<(), String> {
     if path.contains(&name) {
         path.push(name);
-        return Err(format!("stores refer to each other in a cycle: {}", path.join(" -> ")));
+        return Err(format!(
+            "stores refer to each other in a cycle: {}",
+            path.join(" -> ")
+        ));
     }
     let Some(store) = stores.get(name) else {
         return Ok(());

@@ -118,8 +118,10 @@ async fn scan(store: &Weak<Inner>) -> Result<Option<(u64, u64, u64)>, String> {
         }
         junk.extend(found.junk);
     }
+    let walked = Instant::now();
     // Oldest first: each file is appended at the most-recently-used end.
     files.sort_unstable_by_key(|f| f.mtime);
+    eprintln!("TMP walk done, sorted in {:?}", walked.elapsed());
     let count = files.len() as u64;
     let bytes: u64 = files.iter().map(|f| f.len).sum();
 
@@ -138,6 +140,7 @@ async fn scan(store: &Weak<Inner>) -> Result<Option<(u64, u64, u64)>, String> {
         drop(s);
         tokio::task::yield_now().await;
     }
+    eprintln!("TMP merged in {:?}", walked.elapsed());
     junk.extend(losers);
     let junk_count = junk.len() as u64;
     if !junk.is_empty() {

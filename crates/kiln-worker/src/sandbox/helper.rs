@@ -401,24 +401,43 @@ fn setup_mounts(a: &Args, dir: &Path) -> Result<(), String> {
         if !t.is_dir() {
             continue;
         }
-        mount(Some("tmpfs"), t.as_path(), Some("tmpfs"), flags, Some("mode=1777"))
-            .map_err(|e| format!("mounting a tmpfs on {}: {e}", t.display()))?;
+        mount(
+            Some("tmpfs"),
+            t.as_path(),
+            Some("tmpfs"),
+            flags,
+            Some("mode=1777"),
+        )
+        .map_err(|e| format!("mounting a tmpfs on {}: {e}", t.display()))?;
         covered.push(t);
     }
     for h in &a.hide {
         if covered.iter().any(|c| h.starts_with(c)) || !h.is_dir() {
             continue;
         }
-        mount(Some("tmpfs"), h.as_path(), Some("tmpfs"), flags, Some("mode=0755"))
-            .map_err(|e| format!("hiding {}: {e}", h.display()))?;
+        mount(
+            Some("tmpfs"),
+            h.as_path(),
+            Some("tmpfs"),
+            flags,
+            Some("mode=0755"),
+        )
+        .map_err(|e| format!("hiding {}: {e}", h.display()))?;
         covered.push(h);
     }
     if covered.iter().any(|c| dir.starts_with(c)) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {} in the sandbox: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating {} in the sandbox: {e}", dir.display()))?;
     }
     let source = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir_handle));
-    mount(Some(source.as_str()), dir, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
-        .map_err(|e| format!("binding {} into the sandbox: {e}", dir.display()))?;
+    mount(
+        Some(source.as_str()),
+        dir,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .map_err(|e| format!("binding {} into the sandbox: {e}", dir.display()))?;
     // The bind copied the read-only flag: make this one mount writable.
     mount(
         none,
@@ -451,15 +470,24 @@ fn ms_flags_of(f: nix::sys::statvfs::FsFlags) -> MsFlags {
     m
 }
 
-/// Remounts every mount read-only (keeping its other flags). `/` must
-/// succeed; a mount that cannot be reached or changed is left as it is.
+/// Remounts every mount but /proc and /sys read-only (keeping its other
+/// flags). `/` must succeed; a mount that cannot be reached or changed is
+/// left as it is.
 fn make_read_only() -> Result<(), String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading mountinfo: {e}"))?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading mountinfo: {e}"))?;
     let none: Option<&str> = None;
     for line in info.lines() {
         let Some(point) = line.split(' ').nth(4).map(unescape_mount_path) else {
             continue;
         };
+        // procfs and sysfs guard their files themselves (root-owned,
+        // capability checks), and the helper still writes its own
+        // /proc/self/uid_map after this.
+        let pseudo = |p: &str| point == p || point.starts_with(&format!("{p}/"));
+        if pseudo("/proc") || pseudo("/sys") {
+            continue;
+        }
         let flags = match nix::sys::statvfs::statvfs(point.as_str()) {
             Ok(s) => ms_flags_of(s.flags()),
             Err(_) if point != "/" => continue,
@@ -487,10 +515,7 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len() + 0
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {

@@ -1,8 +1,5 @@
 //! Running an action's command, sandboxed on Linux.
 //!
-//! Design (measured figures in the crate's README section of
-//! docs/worker.md):
-//!
 //! * The worker is multi-threaded, and `unshare(CLONE_NEWUSER)` or `setns`
 //!   into a user namespace need a single-threaded caller, so namespaces are
 //!   set up by a small helper process ([`helper`]): `kiln-sandbox run`
@@ -11,21 +8,30 @@
 //!   runs the command and supervises every process of the action. No
 //!   `unsafe` code: nix/std/signal-hook wrappers only.
 //! * Namespaces per action: user (the action is an unprivileged user, no
-//!   capabilities after exec), mount (private tmpfs on /tmp and /dev/shm,
-//!   the worker's work and cache directories hidden except the action's own
-//!   directory), PID (killing PID 1 kills the whole tree; nothing escapes),
-//!   IPC and UTS (host name "localhost").
-//! * Network: creating a network namespace per action costs ~1.5 ms and
-//!   kernel clean-up work, so the worker keeps one long-lived holder
-//!   process per slot (`kiln-sandbox hold`) owning a user namespace and an
-//!   empty network namespace with only loopback up; an action without
-//!   network joins one holder's namespaces (setns) and creates the others.
-//!   One holder per slot means concurrent actions never share a loopback
-//!   (no port clashes between parallel tests). `network = on|true` in the
-//!   platform skips the network namespace entirely.
+//!   capabilities after exec, `no_new_privs`), mount, PID (killing PID 1
+//!   kills the whole tree; nothing escapes), IPC and UTS (host name
+//!   "localhost").
+//! * File system: everything is remounted read-only except the action's
+//!   own directory and private tmpfs's on /tmp, /var/tmp and /dev/shm; the
+//!   worker's work and cache directories are covered by empty tmpfs's
+//!   (other actions and the cache are invisible), the action's directory
+//!   is bound back at its usual path. /proc and /sys stay the host's
+//!   (read-only to an unprivileged user; processes outside the PID
+//!   namespace cannot be signalled).
+//! * Network: creating a network namespace per action costs milliseconds
+//!   of set-up and kernel clean-up work, so the worker keeps one long-lived
+//!   holder process per slot (`kiln-sandbox hold`) owning a user namespace
+//!   and an empty network namespace with only loopback up; an action
+//!   without network joins one holder's namespaces (setns) and creates the
+//!   others. One holder per slot means concurrent actions never share a
+//!   loopback (no port clashes between parallel tests). `network = on` or
+//!   `true` in the platform skips the network namespace entirely.
 //! * A worker running as root runs actions as `sandbox.uid/gid` (default
 //!   65534) so that they cannot touch root-owned files such as the local
 //!   cache; a non-root worker runs them as itself, without capabilities.
+//! * The action's environment reaches the command only (passed to the
+//!   helper as arguments; the helper runs with an empty environment, so
+//!   e.g. `LD_PRELOAD` from an action never affects it).
 //! * Timeout or cancel: SIGTERM to stage 1, forwarded to init, which sends
 //!   SIGTERM to every process of the namespace, then SIGKILL after
 //!   `kill_grace`; when the command exits, every remaining process of the
@@ -36,6 +42,11 @@
 //! * Unsandboxed mode (`sandbox.enabled = false`, UNSAFE): `kiln-sandbox
 //!   init` alone, as the worker's user, the command in its own process
 //!   group; init is a child subreaper so orphans are reaped and killed too.
+//!
+//! Cost of a no-op action (`/bin/true`) end to end through the executor,
+//! on the 2-core development VM while other builds ran: 5-7 ms with the
+//! sandbox against 4.5-5 ms without it; the sandbox adds one exec of the
+//! helper and ~100 µs of namespace and mount system calls.
 
 pub mod helper;
 mod netlink;
