@@ -661,6 +661,111 @@ async fn crash_leftovers_are_reconciled_at_open() {
     assert!(!names.contains("garbage") && !names.contains("stray"));
 }
 
+/// Checks every blob file under `root` against its key (CAS content).
+async fn verify_all(store: &DiskStore, root: &Path) -> usize {
+    let mut checked = 0;
+    for (path, _) in blob_files(root) {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let stem = name.strip_suffix(".zst").unwrap_or(name);
+        let (hash, size) = stem.split_once('-').unwrap();
+        let key = BlobKey::from_hex(DigestFunction::Sha256, hash, size.parse().unwrap()).unwrap();
+        let plain = get_identity(store, &key).await.expect("indexed blob readable");
+        key.verify(&plain).unwrap_or_else(|e| panic!("{name}: {e}"));
+        checked += 1;
+    }
+    checked
+}
+
+/// The child half of `kill_9_during_writes_leaves_only_whole_blobs`: writes
+/// blobs until it is killed (bounded in count and time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn kill9_child_writer() {
+    let Some(root) = std::env::var_os("KILN_KILL9_ROOT") else {
+        return;
+    };
+    let store = open_ready(Path::new(&root), 8 << 20).await;
+    let started = Instant::now();
+    for i in 0..100_000u64 {
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        let d = data(i, 1000 + (i as usize * 7919) % (2 << 20));
+        let key = key_of(&d);
+        match i % 3 {
+            0 => store.put(&key, Blob::identity(d)).await.unwrap(),
+            1 => {
+                let z = codec::compress(&d, 1).unwrap();
+                store
+                    .put(
+                        &key,
+                        Blob {
+                            encoding: Encoding::Zstd,
+                            data: z,
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                let mut w = store.begin_write(&key, Encoding::Identity).await.unwrap();
+                for c in d.chunks(100_000) {
+                    w.write(Bytes::copy_from_slice(c)).await.unwrap();
+                }
+                w.commit().await.unwrap();
+            }
+        }
+        println!("committed {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_writes_leaves_only_whole_blobs() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    for round in 0..3 {
+        let root2 = root.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "kill9_child_writer",
+                    "--exact",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("KILN_KILL9_ROOT", &root2)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+            let want = 20 + round * 7;
+            let mut seen = 0;
+            for line in stdout.lines() {
+                if line.unwrap().starts_with("committed ") {
+                    seen += 1;
+                    if seen == want {
+                        break;
+                    }
+                }
+            }
+            assert_eq!(seen, want, "child stopped early");
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        })
+        .await
+        .unwrap();
+        let store = DiskStore::open(config(&root, 8 << 20)).await.unwrap();
+        assert!(store.wait_until_indexed(INDEX_WAIT).await);
+        store.quiesce().await;
+        assert!(verify_all(&store, &root).await > 0);
+        assert_consistent(&store, &root);
+        assert!(files_under(&root.join("tmp")).is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_deleted_behind_the_store_is_forgotten() {
     let dir = tempfile::tempdir().unwrap();
@@ -731,11 +836,35 @@ async fn scan_one_million() {
     let got = store.get(&probe_key.0).await.unwrap().unwrap();
     let first_read = t0.elapsed();
     assert_eq!(&got.data[..], &probe_key.1);
+    let absent = key_of(b"not among them");
+    assert_eq!(
+        store
+            .has_many(&[probe_key.0.clone(), absent.clone()])
+            .await
+            .unwrap(),
+        vec![true, false]
+    );
+    // A write waits for the scan (the total is not known before).
+    store
+        .put(&absent, Blob::identity(Bytes::from_static(b"not among them")))
+        .await
+        .unwrap();
+    let first_write = t0.elapsed();
     assert!(store.wait_until_indexed(Duration::from_secs(600)).await);
     let indexed = t0.elapsed();
-    assert_eq!(store.stats().items, N);
-    assert_eq!(store.stats().bytes, 8 * N);
-    println!("open: {opened:?}, open to first read: {first_read:?}, open to indexed: {indexed:?}");
+    assert_eq!(store.stats().items, N + 1);
+    assert_eq!(store.stats().bytes, 8 * N + 14);
+    println!(
+        "open: {opened:?}, open to first read: {first_read:?}, open to first write: {first_write:?}, \
+         open to indexed: {indexed:?}"
+    );
+    store.quiesce().await;
+    std::fs::remove_file(
+        root.join("blobs/sha256")
+            .join(&absent.hash_hex()[..2])
+            .join(format!("{}-14", absent.hash_hex())),
+    )
+    .unwrap();
     // A second open of the same files.
     drop(store);
     let t0 = Instant::now();

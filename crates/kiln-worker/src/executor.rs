@@ -13,6 +13,7 @@ use kiln_proto::reapi::command::OutputDirectoryFormat;
 use kiln_proto::reapi::{
     Action, ActionResult, Command, Digest, ExecuteResponse, ExecutedActionMetadata, Platform,
 };
+use kiln_proto::worker::Phase;
 use kiln_store::task;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -28,6 +29,9 @@ use crate::outputs::{self, Upload};
 use crate::sandbox::{Ending, RunOutcome, RunSpec, Sandbox};
 use crate::tree::{DirectoryCache, InputTree};
 use crate::upload::upload_all;
+
+/// Called as each phase of an action starts, with the metadata so far.
+pub type ProgressFn<'a> = &'a (dyn Fn(Phase, &ExecutedActionMetadata) + Send + Sync);
 
 /// Timeout used when neither the Action nor the scheduler gives one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -113,13 +117,24 @@ impl Executor {
     /// (INVALID_ARGUMENT, FAILED_PRECONDITION with MISSING violations,
     /// DEADLINE_EXCEEDED, CANCELLED, INTERNAL, ...).
     pub async fn execute(&self, job: Job, cancel: CancellationToken) -> ExecuteResponse {
+        self.execute_with_progress(job, cancel, &|_, _| {}).await
+    }
+
+    /// [`Executor::execute`], calling `progress` as each phase starts
+    /// (fetching inputs, executing, uploading) with the timestamps so far.
+    pub async fn execute_with_progress(
+        &self,
+        job: Job,
+        cancel: CancellationToken,
+        progress: ProgressFn<'_>,
+    ) -> ExecuteResponse {
         let mut md = ExecutedActionMetadata {
             worker: self.name.clone(),
             queued_timestamp: job.queued_at,
             worker_start_timestamp: Some(now()),
             ..Default::default()
         };
-        let r = self.execute_inner(&job, &cancel, &mut md).await;
+        let r = self.execute_inner(&job, &cancel, &mut md, progress).await;
         md.worker_completed_timestamp = Some(now());
         match r {
             Ok((mut result, timed_out)) => {
@@ -171,6 +186,7 @@ impl Executor {
         job: &Job,
         cancel: &CancellationToken,
         md: &mut ExecutedActionMetadata,
+        progress: ProgressFn<'_>,
     ) -> WorkerResult<(ActionResult, bool)> {
         // Everything the client gave is checked before the disk is touched.
         let function = job.digest_function;
@@ -182,6 +198,7 @@ impl Executor {
             .unwrap_or(OutputDirectoryFormat::TreeOnly);
 
         md.input_fetch_start_timestamp = Some(now());
+        progress(Phase::Fetching, md);
         let cas = self.cas.instance(&job.instance_name, function).await;
         let tree = InputTree::fetch(
             &cas,
@@ -219,6 +236,7 @@ impl Executor {
                 checked,
                 network,
                 format,
+                progress,
             )
             .await;
         drop(pins);
@@ -245,6 +263,7 @@ impl Executor {
         checked: command::CheckedCommand,
         network: bool,
         format: OutputDirectoryFormat,
+        progress: ProgressFn<'_>,
     ) -> WorkerResult<(ActionResult, bool)> {
         let exec_root = action_dir.join("root");
         let owner = self.sandbox.owner();
@@ -288,6 +307,7 @@ impl Executor {
             },
         };
         md.execution_start_timestamp = Some(now());
+        progress(Phase::Executing, md);
         let outcome = self.sandbox.run(&spec, cancel).await?;
         md.execution_completed_timestamp = Some(now());
         if outcome.ending == Ending::Cancelled {
@@ -298,6 +318,7 @@ impl Executor {
         }
 
         md.output_upload_start_timestamp = Some(now());
+        progress(Phase::Uploading, md);
         let layout = checked.layout.clone();
         let function = job.digest_function;
         let stdout_path = spec.stdout.clone();

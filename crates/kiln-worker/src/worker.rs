@@ -14,8 +14,8 @@ use kiln_digest::DigestFunction;
 use kiln_proto::reapi::platform::Property;
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
-    Assign, Draining, Finished, HandBack, Heartbeat, PROTOCOL_VERSION, Register, SchedulerCommand, Started,
-    WorkerUpdate, scheduler_command, worker_update,
+    Assign, Draining, Finished, HandBack, Heartbeat, PROTOCOL_VERSION, Phase, Progress, Register,
+    SchedulerCommand, Started, WorkerUpdate, scheduler_command, worker_update,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
@@ -454,8 +454,19 @@ impl Worker {
         })));
         let me = self.clone();
         kiln_store::task::spawn("worker-lease", async move {
+            let progress = |phase: Phase, md: &kiln_proto::reapi::ExecutedActionMetadata| {
+                me.push(update(worker_update::Update::Progress(Box::new(Progress {
+                    lease_id: lease_id.clone(),
+                    phase: phase as i32,
+                    partial_execution_metadata: Some(md.clone()),
+                }))));
+            };
             let response = match job_from_assign(a) {
-                Ok(job) => me.executor.execute(job, cancel.clone()).await,
+                Ok(job) => {
+                    me.executor
+                        .execute_with_progress(job, cancel.clone(), &progress)
+                        .await
+                }
                 Err(e) => kiln_proto::reapi::ExecuteResponse {
                     status: Some(e.to_rpc_status()),
                     message: e.to_string(),

@@ -250,6 +250,22 @@ async fn registers_runs_a_lease_and_heartbeats() {
         matches!(e, Event::Update(_, WorkerUpdate { update: Some(Update::Started(s)) }) if s.lease_id == "lease-1")
     })
     .await;
+    let progress = h
+        .expect("Progress(EXECUTING)", |e| {
+            matches!(e, Event::Update(_, WorkerUpdate { update: Some(Update::Progress(p)) })
+                if p.lease_id == "lease-1" && p.phase == kiln_proto::worker::Phase::Executing as i32)
+        })
+        .await;
+    if let Event::Update(
+        _,
+        WorkerUpdate {
+            update: Some(Update::Progress(p)),
+        },
+    ) = progress
+    {
+        let md = p.partial_execution_metadata.unwrap();
+        assert!(md.input_fetch_completed_timestamp.is_some() && md.execution_start_timestamp.is_some());
+    }
     let resp = finished_response(h.expect("Finished", finished_for("lease-1")).await);
     assert_eq!(code(&resp), 0, "{:?}", resp.status);
     let result = resp.result.as_ref().unwrap();

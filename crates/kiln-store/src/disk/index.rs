@@ -25,9 +25,8 @@
 
 use std::collections::HashSet;
 use std::hash::BuildHasher;
-use std::hash::RandomState;
 
-use hashbrown::HashTable;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use kiln_digest::BlobKey;
 
 use crate::Encoding;
@@ -118,7 +117,8 @@ pub(crate) struct Scanned {
 }
 
 pub(crate) struct Index {
-    hasher: RandomState,
+    /// Randomly seeded: keys come from clients.
+    hasher: DefaultHashBuilder,
     table: HashTable<u32>,
     nodes: Vec<Node>,
     free: Vec<u32>,
@@ -149,7 +149,7 @@ pub(crate) struct Counters {
 impl Default for Index {
     fn default() -> Self {
         Index {
-            hasher: RandomState::new(),
+            hasher: DefaultHashBuilder::default(),
             table: HashTable::new(),
             nodes: Vec::new(),
             free: Vec::new(),
@@ -298,6 +298,15 @@ impl Index {
         if let Some(touched) = self.scan_touched.as_mut() {
             touched.insert(key.clone());
         }
+    }
+
+    /// Makes room for `additional` more entries (before a large merge).
+    pub(crate) fn reserve_entries(&mut self, additional: usize) {
+        self.nodes.reserve(additional);
+        let nodes = &self.nodes;
+        let hasher = &self.hasher;
+        self.table
+            .reserve(additional, |&i| hasher.hash_one(&nodes[i as usize].key));
     }
 
     /// Merges files found by the startup scan, oldest first. Returns the

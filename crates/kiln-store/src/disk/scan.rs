@@ -89,6 +89,8 @@ async fn scan(store: &Weak<Inner>) -> Result<Option<(u64, u64, u64)>, String> {
     .map_err(|e| e.to_string())?;
     let (dirs, mut junk) = listed.map_err(|e| format!("cannot list {}: {e}", blobs.display()))?;
 
+    // Two walkers per core: the walk is syscall-bound when the metadata is
+    // cached and latency-bound when it is not.
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -118,13 +120,15 @@ async fn scan(store: &Weak<Inner>) -> Result<Option<(u64, u64, u64)>, String> {
         }
         junk.extend(found.junk);
     }
-    let walked = Instant::now();
     // Oldest first: each file is appended at the most-recently-used end.
     files.sort_unstable_by_key(|f| f.mtime);
-    eprintln!("TMP walk done, sorted in {:?}", walked.elapsed());
     let count = files.len() as u64;
     let bytes: u64 = files.iter().map(|f| f.len).sum();
 
+    match store.upgrade() {
+        Some(s) => s.index.lock().reserve_entries(files.len()),
+        None => return Ok(None),
+    }
     let mut losers = Vec::new();
     let mut iter = files.into_iter();
     loop {
@@ -140,7 +144,6 @@ async fn scan(store: &Weak<Inner>) -> Result<Option<(u64, u64, u64)>, String> {
         drop(s);
         tokio::task::yield_now().await;
     }
-    eprintln!("TMP merged in {:?}", walked.elapsed());
     junk.extend(losers);
     let junk_count = junk.len() as u64;
     if !junk.is_empty() {

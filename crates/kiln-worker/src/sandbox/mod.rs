@@ -317,8 +317,12 @@ impl Sandbox {
             .await
             .map_err(WorkerError::io("creating the sandbox probe directory"))?;
         if let Some(o) = self.owner() {
-            std::os::unix::fs::lchown(&action_dir, Some(o.uid), Some(o.gid))
-                .map_err(WorkerError::io("handing the probe directory to the sandbox user"))?;
+            let d = action_dir.clone();
+            kiln_store::task::blocking("sandbox-probe-chown", move || {
+                std::os::unix::fs::lchown(&d, Some(o.uid), Some(o.gid))
+            })
+            .await?
+            .map_err(WorkerError::io("handing the probe directory to the sandbox user"))?;
         }
         let spec = RunSpec {
             action_dir: action_dir.clone(),

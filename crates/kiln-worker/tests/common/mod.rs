@@ -74,6 +74,17 @@ pub async fn start_cas(limits: CacheLimits) -> Cas {
     }
 }
 
+impl Cas {
+    /// Wraps a channel to a server started elsewhere.
+    pub fn from_channel(channel: Channel) -> Cas {
+        Cas {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            channel,
+            shutdown: None,
+        }
+    }
+}
+
 pub async fn start_default_cas() -> Cas {
     start_cas(CacheLimits::default()).await
 }
