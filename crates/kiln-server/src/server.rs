@@ -21,6 +21,9 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub http_listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    /// Sandbox helper command for in-process workers whose config leaves
+    /// `sandbox.helper` empty (the `kiln` binary passes itself).
+    pub sandbox_helper: Option<Vec<String>>,
 }
 
 /// A started server: its bound addresses and a way to stop it.
@@ -33,6 +36,7 @@ pub struct RunningServer {
     pub scheduler: Option<Arc<Scheduler>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), ServerError>>>,
+    worker_tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -43,6 +47,11 @@ impl RunningServer {
 
     /// Waits until both listeners have stopped; the first error wins.
     pub async fn wait(self) -> Result<(), ServerError> {
+        // Workers drain first (finishing or handing back their actions)
+        // while the listeners still serve them.
+        for w in self.worker_tasks {
+            let _ = w.await;
+        }
         let mut result = Ok(());
         for task in self.tasks {
             let r = match task.await {
@@ -134,6 +143,33 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
     let http_addr = local(&http_listener)?;
 
     let (shutdown, rx) = watch::channel(false);
+    let mut worker_tasks = Vec::new();
+    for (i, wc) in config.workers.iter().enumerate() {
+        let mut wc = wc.clone();
+        wc.work_dir = data_dir.join(&wc.work_dir);
+        wc.cache_dir = data_dir.join(&wc.cache_dir);
+        if wc.sandbox.helper.is_empty() {
+            if let Some(h) = &overrides.sandbox_helper {
+                wc.sandbox.helper = h.clone();
+            }
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+            .map_err(|e| ServerError::Io {
+                context: "worker endpoint".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(32 << 20);
+        let scheduler_channel = endpoint.connect_lazy();
+        let cas_channel = endpoint.connect_lazy();
+        let stop = signal(&rx);
+        worker_tasks.push(kiln_store::task::spawn("in-process-worker", async move {
+            if let Err(e) = kiln_worker::run_worker(wc, scheduler_channel, cas_channel, stop).await {
+                tracing::error!(worker = i, error = %e, "in-process worker stopped");
+            }
+        }));
+    }
     let grpc_task = tokio::spawn(grpc::serve(
         grpc_listener,
         instances.clone(),
@@ -156,5 +192,6 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
         scheduler,
         shutdown,
         tasks: vec![grpc_task, http_task],
+        worker_tasks,
     })
 }

@@ -57,8 +57,36 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Run a remote execution worker that takes work from a scheduler.
+    Worker(WorkerArgs),
+    /// Internal: the sandbox helper the worker executes for every action.
+    #[command(hide = true)]
+    SandboxHelper {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Print the configuration reference (Markdown), generated from the config types.
     ConfigReference,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    /// Scheduler endpoint, e.g. grpc://127.0.0.1:50051 (also http://).
+    #[arg(long)]
+    scheduler: String,
+    /// CAS endpoint; defaults to the scheduler's.
+    #[arg(long)]
+    cas: Option<String>,
+    /// Worker configuration (TOML: the keys of a `[[workers]]` table).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Base directory for the worker's work and cache directories
+    /// (overrides relative paths in the config). Default: ./kiln-worker.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Slots (actions at once), overriding the config. Default: cores.
+    #[arg(long)]
+    slots: Option<u32>,
 }
 
 #[derive(clap::Args, Default)]
@@ -97,6 +125,13 @@ fn init_logging(args: &LogArgs) {
 }
 
 fn main() -> ExitCode {
+    // The sandbox helper must run before any thread exists (it creates
+    // user namespaces), so it is dispatched before clap and the runtime.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "sandbox-helper") {
+        let code = kiln_worker::helper_main(argv[2..].to_vec());
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::CheckConfig { file } => match config::load_file(&file) {
@@ -122,16 +157,114 @@ fn main() -> ExitCode {
             print!("{}", config::default_config_text());
             ExitCode::SUCCESS
         }
+        Command::SandboxHelper { args } => {
+            ExitCode::from(u8::try_from(kiln_worker::helper_main(args)).unwrap_or(1))
+        }
         Command::Serve(args) => {
             init_logging(&cli.log);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
+            match runtime() {
+                Some(rt) => rt.block_on(serve(args)),
+                None => ExitCode::FAILURE,
+            }
+        }
+        Command::Worker(args) => {
+            init_logging(&cli.log);
+            match runtime() {
+                Some(rt) => rt.block_on(worker(args)),
+                None => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("kiln: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+/// `[current_exe, "sandbox-helper"]`: the helper is this binary.
+fn self_helper() -> Option<Vec<String>> {
+    let exe = std::env::current_exe().ok()?;
+    Some(vec![exe.to_string_lossy().into_owned(), "sandbox-helper".into()])
+}
+
+fn endpoint(url: &str) -> Result<tonic::transport::Channel, String> {
+    let url = url
+        .strip_prefix("grpc://")
+        .map(|rest| format!("http://{rest}"))
+        .unwrap_or_else(|| url.to_string());
+    let ep = tonic::transport::Endpoint::from_shared(url.clone())
+        .map_err(|e| format!("bad endpoint {url:?}: {e}"))?;
+    Ok(ep
+        .tcp_nodelay(true)
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
+        .connect_lazy())
+}
+
+async fn worker(args: WorkerArgs) -> ExitCode {
+    let mut wc: kiln_worker::WorkerConfig = match &args.config {
+        Some(path) => {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
                 Err(e) => {
-                    eprintln!("kiln: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
+                    eprintln!("kiln: cannot read {}: {e}", path.display());
+                    return ExitCode::from(2);
                 }
             };
-            runtime.block_on(serve(args))
+            match toml::from_str(&text) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("kiln: {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        None => kiln_worker::WorkerConfig::with_base_dir("kiln-worker"),
+    };
+    if let Some(dir) = &args.dir {
+        wc.work_dir = dir.join(&wc.work_dir);
+        wc.cache_dir = dir.join(&wc.cache_dir);
+    }
+    if args.slots.is_some() {
+        wc.slots = args.slots;
+    }
+    if wc.sandbox.helper.is_empty() {
+        wc.sandbox.helper = self_helper().unwrap_or_default();
+    }
+    if let Err(e) = wc.validate() {
+        eprintln!("kiln: worker config: {e}");
+        return ExitCode::from(2);
+    }
+    let scheduler = match endpoint(&args.scheduler) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cas = match args
+        .cas
+        .as_deref()
+        .map(endpoint)
+        .unwrap_or_else(|| Ok(scheduler.clone()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match kiln_worker::run_worker(wc, scheduler, cas, wait_for_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln: worker: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -152,6 +285,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         http_listen: args.http_listen,
         data_dir: args.data_dir,
+        sandbox_helper: self_helper(),
     };
     let server = match start(cfg, overrides).await {
         Ok(s) => s,
@@ -171,10 +305,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
         } else {
             format!(" --remote_instance_name={name}")
         };
-        println!(
-            "kiln: bazel flags: --remote_cache=grpc://{}{instance} --remote_upload_local_results",
-            server.grpc_addr
-        );
+        let flag = if server.scheduler.is_some() {
+            "--remote_executor"
+        } else {
+            "--remote_cache"
+        };
+        println!("kiln: bazel flags: {flag}=grpc://{}{instance}", server.grpc_addr);
     }
     wait_for_signal().await;
     eprintln!("kiln: shutting down");

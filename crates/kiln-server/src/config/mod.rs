@@ -45,6 +45,13 @@ pub struct Config {
     /// workers on the gRPC port. Default: absent (cache only).
     #[serde(default)]
     pub scheduler: Option<kiln_scheduler::SchedulerConfig>,
+    /// Workers run inside this server process (the all-in-one setup), each
+    /// connecting to this server's own gRPC port. Requires `[scheduler]`.
+    /// Relative `work_dir`/`cache_dir` are under `server.data_dir`; two
+    /// workers may not share them. Default: none (workers can also run as
+    /// `kiln worker --scheduler URL --cas URL`).
+    #[serde(default)]
+    pub workers: Vec<kiln_worker::WorkerConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

@@ -92,6 +92,12 @@ pub fn reference_markdown() -> String {
         .collect();
     out.push_str(&rules.join("; "));
     out.push('\n');
+    out.push_str("\n## `[[workers]]`\n\n");
+    push_description(&mut out, &root["properties"]["workers"]);
+    push_table(&mut out, &defs["WorkerConfig"], &defs);
+    out.push_str("\n### `[workers.sandbox]`\n\n");
+    push_description(&mut out, &defs["SandboxConfig"]);
+    push_table(&mut out, &defs["SandboxConfig"], &defs);
     out
 }
 

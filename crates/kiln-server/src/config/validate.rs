@@ -73,6 +73,28 @@ pub(super) fn validate(config: &Config, text: &str) -> Result<(), String> {
             "no [[instances]]: declare at least one, e.g. name = \"\", cas = \"cas\", ac = \"ac\"".into(),
         );
     }
+    if !config.workers.is_empty() && config.scheduler.is_none() {
+        return Err(
+            "[[workers]] need a [scheduler] table: in-process workers take work from this server's scheduler"
+                .into(),
+        );
+    }
+    let mut dirs = HashSet::new();
+    for (i, w) in config.workers.iter().enumerate() {
+        w.validate().map_err(|e| format!("[[workers]] #{}: {e}", i + 1))?;
+        for d in [&w.work_dir, &w.cache_dir] {
+            if !dirs.insert(d.clone()) {
+                return Err(format!(
+                    "[[workers]] #{}: directory {} is used by another worker",
+                    i + 1,
+                    d.display()
+                ));
+            }
+        }
+    }
+    if let Some(s) = &config.scheduler {
+        s.validate().map_err(|e| format!("[scheduler]: {e}"))?;
+    }
     let mut seen = HashSet::new();
     for inst in &config.instances {
         if !seen.insert(inst.name.as_str()) {
