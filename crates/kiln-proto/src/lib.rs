@@ -7,6 +7,10 @@
 //! `output_paths`, ...). The google.rpc error-detail messages that crate lacks
 //! (`PreconditionFailure`, `BadRequest`) are declared in [`rpc_details`] with
 //! their upstream field numbers.
+//!
+//! [`fast`] declares zero-copy (`bytes::Bytes`) versions of the hot CAS and
+//! ByteStream messages, with tonic servers and clients for the same
+//! services, wire-compatible with the upstream ones.
 
 pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 pub use bazel_remote_apis::build::bazel::semver;
@@ -15,5 +19,6 @@ pub use bazel_remote_apis::google::longrunning;
 pub use bazel_remote_apis::google::protobuf;
 pub use bazel_remote_apis::google::rpc;
 
+pub mod fast;
 pub mod rpc_details;
 pub mod worker;

@@ -8,6 +8,13 @@
 //! 96-byte slot plus ~5–10 bytes of table, with no per-entry allocation
 //! besides the payload itself (held as the caller's [`Bytes`], never copied).
 //!
+//! A streamed write of more than [`ASSEMBLE_BELOW`] bytes is kept as the
+//! list of chunks it arrived in (`Payload::Chunks`), so committing it copies
+//! nothing; reads stream those chunks, and only [`Store::get`] of such a
+//! blob assembles one buffer. Smaller streamed blobs are assembled into one
+//! exactly sized buffer at commit, so that they do not pin the (larger)
+//! receive buffers their chunks were sliced from.
+//!
 //! # Eviction: CLOCK (second chance)
 //!
 //! Every slot carries an `AtomicU32`: a "referenced" bit plus the second (since
@@ -47,8 +54,12 @@ const SHARDS: usize = 128;
 const READ_CHUNK: usize = 64 * 1024;
 /// "Referenced since the clock hand last passed" bit of `Slot::used`.
 const REF: u32 = 1 << 31;
-/// Commits assembling more than this many bytes copy on the blocking pool.
+/// Assembling more than this many bytes (`get` of a chunked blob) runs on
+/// the blocking pool.
 const BLOCKING_ASSEMBLY: u64 = 8 << 20;
+/// Streamed writes of at most this many bytes (in more than one chunk) are
+/// assembled into one buffer at commit; larger ones keep their chunks.
+pub const ASSEMBLE_BELOW: u64 = 256 << 10;
 /// How many times a put waits for in-flight puts to release space before it
 /// reports the store as full (only happens when the whole capacity is
 /// reserved by concurrent puts that have not inserted yet).
@@ -56,9 +67,76 @@ const RESERVE_RETRIES: u32 = 1000;
 /// Slots the stats probe looks at behind each shard's clock hand.
 const AGE_PROBE: usize = 8;
 
+/// A stored payload: one buffer, or the chunks of a large streamed write.
+#[derive(Clone)]
+enum Payload {
+    Whole(Bytes),
+    Chunks(Arc<Chunks>),
+}
+
+/// The non-empty chunks of a streamed payload, in order.
+struct Chunks {
+    parts: Box<[Bytes]>,
+    len: u64,
+}
+
+impl Payload {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Whole(b) => b.len() as u64,
+            Payload::Chunks(c) => c.len,
+        }
+    }
+
+    /// The payload as one buffer (copied together for chunked payloads).
+    async fn contiguous(self) -> StoreResult<Bytes> {
+        match self {
+            Payload::Whole(b) => Ok(b),
+            Payload::Chunks(c) if c.len > BLOCKING_ASSEMBLY => {
+                crate::task::blocking("memory-assemble", move || assemble(&c.parts, c.len)).await
+            }
+            Payload::Chunks(c) => Ok(assemble(&c.parts, c.len)),
+        }
+    }
+
+    /// Streams the payload from byte `start` (at most its length) in
+    /// slices of at most [`READ_CHUNK`] bytes.
+    fn stream_from(self, start: u64) -> crate::ChunkStream {
+        match self {
+            Payload::Whole(b) => slice_stream(b, start as usize),
+            Payload::Chunks(c) => {
+                // Skip whole chunks before `start`, slice the one it falls in.
+                let mut skip = start;
+                let mut first = c.parts.len();
+                for (i, part) in c.parts.iter().enumerate() {
+                    if skip < part.len() as u64 {
+                        first = i;
+                        break;
+                    }
+                    skip -= part.len() as u64;
+                }
+                let parts: Vec<Bytes> = c
+                    .parts
+                    .iter()
+                    .skip(first)
+                    .enumerate()
+                    .map(|(i, p)| if i == 0 { p.slice(skip as usize..) } else { p.clone() })
+                    .collect();
+                let slices = parts.into_iter().flat_map(|p| {
+                    let len = p.len();
+                    (0..len)
+                        .step_by(READ_CHUNK)
+                        .map(move |o| Ok(p.slice(o..(o + READ_CHUNK).min(len))))
+                });
+                futures::stream::iter(slices).boxed()
+            }
+        }
+    }
+}
+
 struct Slot {
     key: BlobKey,
-    data: Bytes,
+    data: Payload,
     /// `REF` | second of last use (since `Inner::epoch`).
     used: AtomicU32,
     encoding: Encoding,
@@ -221,7 +299,7 @@ impl Inner {
                 guard.evict_clock(&self.hasher)
             };
             if let Some(slot) = victim {
-                self.bytes.fetch_sub(slot.data.len() as u64, Ordering::AcqRel);
+                self.bytes.fetch_sub(slot.data.len(), Ordering::AcqRel);
                 self.items.fetch_sub(1, Ordering::Relaxed);
                 self.evictions.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(key = %slot.key, "memory store evicted blob");
@@ -232,7 +310,7 @@ impl Inner {
     }
 
     /// Stores a payload whose length has already been reserved.
-    fn insert_reserved(&self, key: &BlobKey, encoding: Encoding, data: Bytes) {
+    fn insert_reserved(&self, key: &BlobKey, encoding: Encoding, data: Payload) {
         let (h, shard) = self.locate(key);
         let used = AtomicU32::new(self.now());
         let replaced = {
@@ -286,7 +364,7 @@ impl Inner {
         // The old payload (if any) is released outside the lock.
         match replaced {
             Some(old) => {
-                self.bytes.fetch_sub(old.data.len() as u64, Ordering::AcqRel);
+                self.bytes.fetch_sub(old.data.len(), Ordering::AcqRel);
             }
             None => {
                 self.items.fetch_add(1, Ordering::Relaxed);
@@ -294,8 +372,8 @@ impl Inner {
         }
     }
 
-    async fn insert(&self, key: &BlobKey, encoding: Encoding, data: Bytes) -> StoreResult<()> {
-        let len = data.len() as u64;
+    async fn insert(&self, key: &BlobKey, encoding: Encoding, data: Payload) -> StoreResult<()> {
+        let len = data.len();
         self.too_large(len)?;
         self.reserve(len, self.hash(key).1).await?;
         self.insert_reserved(key, encoding, data);
@@ -405,9 +483,12 @@ impl Store for MemoryStore {
     }
 
     async fn get(&self, key: &BlobKey) -> StoreResult<Option<Blob>> {
-        Ok(self.inner.lookup(key, |s| Blob {
-            encoding: s.encoding,
-            data: s.data.clone(),
+        let Some((encoding, data)) = self.inner.lookup(key, |s| (s.encoding, s.data.clone())) else {
+            return Ok(None);
+        };
+        Ok(Some(Blob {
+            encoding,
+            data: data.contiguous().await?,
         }))
     }
 
@@ -415,7 +496,7 @@ impl Store for MemoryStore {
         let Some((encoding, data)) = self.inner.lookup(key, |s| (s.encoding, s.data.clone())) else {
             return Ok(None);
         };
-        let len = data.len() as u64;
+        let len = data.len();
         let start = match encoding {
             Encoding::Identity => offset.min(len),
             Encoding::Zstd => 0,
@@ -424,12 +505,12 @@ impl Store for MemoryStore {
             encoding,
             start,
             stored_len: len,
-            stream: slice_stream(data, start as usize),
+            stream: data.stream_from(start),
         }))
     }
 
     async fn put(&self, key: &BlobKey, blob: Blob) -> StoreResult<()> {
-        self.inner.insert(key, blob.encoding, blob.data).await
+        self.inner.insert(key, blob.encoding, Payload::Whole(blob.data)).await
     }
 
     async fn begin_write(&self, key: &BlobKey, encoding: Encoding) -> StoreResult<Box<dyn BlobWriter>> {
@@ -458,7 +539,8 @@ impl Store for MemoryStore {
     }
 }
 
-/// Collects chunks (no copy per write) and assembles them once at commit.
+/// Collects chunks (no copy per write); at commit, keeps them as they are
+/// (large blobs) or assembles them once (small ones).
 struct MemoryWriter {
     inner: Arc<Inner>,
     key: BlobKey,
@@ -489,12 +571,13 @@ impl BlobWriter for MemoryWriter {
             len,
         } = *self;
         let data = match chunks.len() {
-            0 => Bytes::new(),
-            1 => chunks.pop().unwrap_or_default(),
-            _ if len > BLOCKING_ASSEMBLY => {
-                crate::task::blocking("memory-assemble", move || assemble(&chunks, len)).await?
-            }
-            _ => assemble(&chunks, len),
+            0 => Payload::Whole(Bytes::new()),
+            1 => Payload::Whole(chunks.pop().unwrap_or_default()),
+            _ if len <= ASSEMBLE_BELOW => Payload::Whole(assemble(&chunks, len)),
+            _ => Payload::Chunks(Arc::new(Chunks {
+                parts: chunks.into_boxed_slice(),
+                len,
+            })),
         };
         inner.insert(&key, encoding, data).await
     }
@@ -506,4 +589,33 @@ fn assemble(chunks: &[Bytes], len: u64) -> Bytes {
         buf.extend_from_slice(c);
     }
     buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_does_not_grow_the_slot() {
+        assert_eq!(std::mem::size_of::<Payload>(), std::mem::size_of::<Bytes>());
+        assert!(std::mem::size_of::<Slot>() <= 96, "{}", std::mem::size_of::<Slot>());
+    }
+
+    #[tokio::test]
+    async fn chunked_payload_streams_from_any_offset() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let parts: Vec<Bytes> = data.chunks(70_000).map(Bytes::copy_from_slice).collect();
+        let payload = Payload::Chunks(Arc::new(Chunks {
+            parts: parts.into_boxed_slice(),
+            len: data.len() as u64,
+        }));
+        assert_eq!(payload.clone().contiguous().await.unwrap(), data);
+        for start in [0usize, 1, 69_999, 70_000, 70_001, 299_999, 300_000] {
+            let got: Vec<Bytes> = futures::TryStreamExt::try_collect(payload.clone().stream_from(start as u64))
+                .await
+                .unwrap();
+            assert!(got.iter().all(|c| !c.is_empty() && c.len() <= READ_CHUNK));
+            assert_eq!(got.concat(), &data[start..], "start {start}");
+        }
+    }
 }
