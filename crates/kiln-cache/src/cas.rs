@@ -15,6 +15,11 @@
 //!   (INVALID_ARGUMENT), absent blob (NOT_FOUND), store faults.
 //! * CPU work (hashing, zstd) over more than [`INLINE_CPU_BYTES`] runs on the
 //!   blocking pool, split into one group per core.
+//!
+//! FindMissingBlobs, BatchUpdateBlobs and BatchReadBlobs use the zero-copy
+//! messages of [`kiln_proto::fast`]: hashes and payloads are views of the
+//! request buffer, parsed without allocating ([`crate::wire`]), and answers
+//! echo the request's own digests.
 
 use std::collections::HashSet;
 use std::collections::hash_map::{Entry, HashMap};
@@ -24,20 +29,23 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use kiln_digest::{BlobKey, DigestFunction};
-use kiln_proto::reapi::compressor::Value as Compressor;
-use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
-use kiln_proto::reapi::{
+use kiln_proto::fast::cas::content_addressable_storage_server::ContentAddressableStorage;
+use kiln_proto::fast::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse, Digest,
-    FindMissingBlobsRequest, FindMissingBlobsResponse, GetChunkMappingRequest, GetChunkMappingResponse,
-    GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest, RegisterChunkMappingResponse,
-    SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse, batch_read_blobs_response,
-    batch_update_blobs_response,
+    FindMissingBlobsRequest, FindMissingBlobsResponse, batch_read_blobs_response, batch_update_blobs_response,
+};
+use kiln_proto::reapi::compressor::Value as Compressor;
+use kiln_proto::reapi::{
+    GetChunkMappingRequest, GetChunkMappingResponse, GetTreeRequest, GetTreeResponse,
+    RegisterChunkMappingRequest, RegisterChunkMappingResponse, SpliceBlobRequest, SpliceBlobResponse,
+    SplitBlobRequest, SplitBlobResponse,
 };
 use kiln_store::{Blob, Encoding, codec};
 use tonic::{Request, Response, Status};
 
 use crate::error::ok_status;
-use crate::{CacheError, CacheLimits, CacheResult, Instance, Instances};
+use crate::wire::{check_utf8, parse_key, request_function};
+use crate::{CacheError, CacheLimits, CacheResult, Instances};
 
 /// Below this many bytes of CPU work (hashing, zstd) a batch is processed on
 /// the request's task; above it, on the blocking pool in parallel.
@@ -56,16 +64,6 @@ impl CasService {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// Resolves the digest function of a request whose digests all use the same
-/// function: explicit, or inferred from `first_hash`.
-pub(crate) fn request_function(
-    instance: &Instance,
-    proto_value: i32,
-    first_hash: &str,
-) -> CacheResult<DigestFunction> {
-    instance.digest_function(proto_value, first_hash)
-}
 
 /// The sum of the (non-negative) sizes of `digests`, checked against the
 /// batch limit.
@@ -205,8 +203,8 @@ impl CasService {
         let mut keys = Vec::with_capacity(req.blob_digests.len());
         let mut queried = Vec::with_capacity(req.blob_digests.len());
         for (i, d) in req.blob_digests.iter().enumerate() {
-            let key = BlobKey::from_digest(function, d)?;
-            if !key.is_empty_blob() {
+            let key = parse_key(function, d)?;
+            if key.size() != 0 || !key.is_empty_blob() {
                 keys.push(key);
                 queried.push(i);
             }
@@ -236,7 +234,7 @@ impl CasService {
         let Some(first) = req.requests.first() else {
             return Ok(BatchUpdateBlobsResponse::default());
         };
-        let first_hash = first.digest.as_ref().map(|d| d.hash.as_str()).unwrap_or("");
+        let first_hash = first.digest.as_ref().map(|d| &d.hash[..]).unwrap_or(b"");
         let function = request_function(&instance, req.digest_function, first_hash)?;
         let limits = self.instances.limits();
         check_batch_total(
@@ -251,15 +249,20 @@ impl CasService {
         let mut digests: Vec<Digest> = Vec::with_capacity(n);
         let mut statuses: Vec<Option<kiln_proto::rpc::Status>> = vec![None; n];
         let mut items: Vec<(u64, (usize, UpdateItem))> = Vec::with_capacity(n);
+        let mut payload_bytes = 0u64;
         for (i, r) in req.requests.into_iter().enumerate() {
             let digest = r.digest.unwrap_or_default();
             match admit_upload(function, limits, &digest, r.compressor) {
                 Ok((key, zstd)) => {
                     let weight = r.data.len() as u64 + if zstd { key.size() } else { 0 };
-                    let data = Bytes::from(r.data);
-                    items.push((weight, (i, UpdateItem { key, data, zstd })));
+                    payload_bytes += r.data.len() as u64;
+                    items.push((weight, (i, UpdateItem { key, data: r.data, zstd })));
                 }
-                Err(e) => statuses[i] = Some(e.to_rpc_status()),
+                Err(e) => {
+                    // The digest is echoed in the answer: it must be a valid string.
+                    check_utf8(&digest)?;
+                    statuses[i] = Some(e.to_rpc_status())
+                }
             }
             digests.push(digest);
         }
@@ -308,6 +311,15 @@ impl CasService {
                         e.insert(vec![i]);
                     }
                 },
+            }
+        }
+        // The payloads are views of the request buffer. Blobs that share it
+        // with others get their own exactly sized copies (made back to back,
+        // before anything else allocates), so that a stored blob never keeps
+        // the whole request alive after its neighbours are evicted.
+        for (_, blob) in writes.iter_mut() {
+            if (blob.data.len() as u64) * 2 < payload_bytes {
+                blob.data = Bytes::copy_from_slice(&blob.data);
             }
         }
         let cas = instance.cas.clone();
@@ -359,8 +371,11 @@ impl CasService {
         let mut fetches: Vec<(usize, BlobKey)> = Vec::new();
         for (i, digest) in req.digests.into_iter().enumerate() {
             let mut resp = batch_read_blobs_response::Response::default();
-            match BlobKey::from_digest(function, &digest) {
-                Err(e) => resp.status = Some(CacheError::from(e).to_rpc_status()),
+            match parse_key(function, &digest) {
+                Err(e) => {
+                    check_utf8(&digest)?;
+                    resp.status = Some(CacheError::from(e).to_rpc_status())
+                }
                 Ok(key) if key.is_empty_blob() => resp.status = Some(ok_status()),
                 Ok(key) => fetches.push((i, key)),
             }
@@ -402,7 +417,7 @@ impl CasService {
             match r {
                 Ok((compressor, data)) => {
                     resp.compressor = compressor as i32;
-                    resp.data = Vec::from(data);
+                    resp.data = data;
                     resp.status = Some(ok_status());
                 }
                 Err(e) => resp.status = Some(e.to_rpc_status()),
@@ -419,7 +434,7 @@ fn admit_upload(
     digest: &Digest,
     compressor: i32,
 ) -> CacheResult<(BlobKey, bool)> {
-    let key = BlobKey::from_digest(function, digest)?;
+    let key = parse_key(function, digest)?;
     let max = limits.max_cas_blob_size_bytes;
     if max > 0 && key.size() > max {
         return Err(CacheError::InvalidArgument(format!(

@@ -8,16 +8,17 @@ pub mod cas;
 mod error;
 pub mod get_tree;
 mod instances;
+pub mod wire;
 
 pub use error::{CacheError, CacheResult};
 pub use instances::{CacheLimits, ExecutionCapabilitiesFn, Instance, Instances};
 
 use std::sync::Arc;
 
-use kiln_proto::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::fast::bytestream::byte_stream_server::ByteStreamServer;
+use kiln_proto::fast::cas::content_addressable_storage_server::ContentAddressableStorageServer;
 use kiln_proto::reapi::action_cache_server::ActionCacheServer;
 use kiln_proto::reapi::capabilities_server::CapabilitiesServer;
-use kiln_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 
 /// Largest gRPC message Kiln accepts or sends: the batch limit plus room for
 /// framing, and at least 16 MiB.
@@ -25,7 +26,9 @@ pub fn max_message_size(limits: &CacheLimits) -> usize {
     (limits.max_batch_total_size_bytes as usize + (1 << 20)).max(16 << 20)
 }
 
-/// Adds the four cache services for `instances` to a tonic route set.
+/// Adds the four cache services for `instances` to a tonic route set. The
+/// CAS and ByteStream servers are the zero-copy ones of
+/// [`kiln_proto::fast`] (same services and wire format as upstream).
 pub fn add_routes(builder: &mut tonic::service::RoutesBuilder, instances: Arc<Instances>) {
     let max = max_message_size(instances.limits());
     builder

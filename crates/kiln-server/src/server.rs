@@ -148,10 +148,10 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
         let mut wc = wc.clone();
         wc.work_dir = data_dir.join(&wc.work_dir);
         wc.cache_dir = data_dir.join(&wc.cache_dir);
-        if wc.sandbox.helper.is_empty() {
-            if let Some(h) = &overrides.sandbox_helper {
-                wc.sandbox.helper = h.clone();
-            }
+        if wc.sandbox.helper.is_empty()
+            && let Some(h) = &overrides.sandbox_helper
+        {
+            wc.sandbox.helper = h.clone();
         }
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
             .map_err(|e| ServerError::Io {

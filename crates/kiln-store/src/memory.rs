@@ -235,15 +235,53 @@ impl Inner {
         let (h, shard) = self.locate(key);
         let now = self.now() | REF;
         let guard = shard.data.read();
-        let idx = *guard.table.find(
-            h,
-            |&i| matches!(&guard.slots[i as usize], Some(s) if s.key == *key),
-        )?;
-        let slot = guard.slots[idx as usize].as_ref()?;
-        if slot.used.load(Ordering::Relaxed) != now {
-            slot.used.store(now, Ordering::Relaxed);
-        }
+        let slot = guard.find(h, key)?;
+        slot.touch(now);
         Some(f(slot))
+    }
+
+    /// Presence of each of `keys` (marking present ones used), taking each
+    /// shard's shared lock once: keys are grouped by shard first (a counting
+    /// sort), and the clock is read once.
+    fn contains_many(&self, keys: &[BlobKey]) -> Vec<bool> {
+        let mut out = vec![false; keys.len()];
+        if keys.len() <= 2 {
+            for (o, k) in out.iter_mut().zip(keys) {
+                *o = self.lookup(k, |_| ()).is_some();
+            }
+            return out;
+        }
+        let now = self.now() | REF;
+        let located: Vec<(u64, usize)> = keys.iter().map(|k| self.hash(k)).collect();
+        // starts[s]..starts[s + 1] is shard s's range of `order`.
+        let mut starts = [0u32; SHARDS + 1];
+        for &(_, shard) in &located {
+            starts[shard + 1] += 1;
+        }
+        for s in 0..SHARDS {
+            starts[s + 1] += starts[s];
+        }
+        let mut next = starts;
+        let mut order = vec![0u32; keys.len()];
+        for (i, &(_, shard)) in located.iter().enumerate() {
+            order[next[shard] as usize] = i as u32;
+            next[shard] += 1;
+        }
+        for (s, shard) in self.shards.iter().enumerate() {
+            let group = &order[starts[s] as usize..starts[s + 1] as usize];
+            if group.is_empty() {
+                continue;
+            }
+            let guard = shard.data.read();
+            for &i in group {
+                let i = i as usize;
+                if let Some(slot) = guard.find(located[i].0, &keys[i]) {
+                    slot.touch(now);
+                    out[i] = true;
+                }
+            }
+        }
+        out
     }
 
     /// Reserves `len` bytes of the capacity, evicting as needed from
@@ -407,7 +445,25 @@ impl Inner {
     }
 }
 
+impl Slot {
+    /// Marks the slot used at `now` (which carries `REF`); skips the store
+    /// when already marked this second, so hot slots stay in shared caches.
+    fn touch(&self, now: u32) {
+        if self.used.load(Ordering::Relaxed) != now {
+            self.used.store(now, Ordering::Relaxed);
+        }
+    }
+}
+
 impl ShardData {
+    /// The slot of `key` (whose hash is `h`), if present.
+    fn find(&self, h: u64, key: &BlobKey) -> Option<&Slot> {
+        let idx = *self
+            .table
+            .find(h, |&i| matches!(&self.slots[i as usize], Some(s) if s.key == *key))?;
+        self.slots[idx as usize].as_ref()
+    }
+
     /// One CLOCK step: sweeps from the hand, clearing reference bits, and
     /// removes the first unreferenced entry (at most two passes).
     fn evict_clock(&mut self, hasher: &DefaultHashBuilder) -> Option<Slot> {
@@ -476,10 +532,7 @@ impl Store for MemoryStore {
     async fn has_many(&self, keys: &[BlobKey]) -> StoreResult<Vec<bool>> {
         // A presence check counts as a use (the spec asks servers to extend
         // the lifetime of blobs named in FindMissingBlobs).
-        Ok(keys
-            .iter()
-            .map(|k| self.inner.lookup(k, |_| ()).is_some())
-            .collect())
+        Ok(self.inner.contains_many(keys))
     }
 
     async fn get(&self, key: &BlobKey) -> StoreResult<Option<Blob>> {

@@ -954,3 +954,23 @@ async fn stream_256mib_throughput() {
         tokio::task::spawn_blocking(move || drop(dir)).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_root_in_use_by_another_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || kiln_store::disk::DiskConfig {
+        root: dir.path().join("store"),
+        capacity_bytes: 1 << 20,
+        sync_writes: false,
+    };
+    let first = kiln_store::disk::DiskStore::open(config()).await.unwrap();
+    match kiln_store::disk::DiskStore::open(config()).await {
+        Err(kiln_store::StoreError::Unavailable(msg)) => assert!(msg.contains("in use"), "{msg}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("two stores opened the same root"),
+    }
+    drop(first);
+    // Released on drop: the root can be opened again.
+    let again = kiln_store::disk::DiskStore::open(config()).await;
+    assert!(again.is_ok());
+}

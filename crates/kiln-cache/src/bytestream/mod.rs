@@ -1,6 +1,10 @@
 //! The google.bytestream ByteStream service over the CAS of each instance:
 //! Read (plain and zstd `compressed-blobs`), resumable Write with streaming
 //! digest verification, and QueryWriteStatus.
+//!
+//! Served over the zero-copy messages of [`kiln_proto::fast`]: uploaded
+//! data reaches the store as views of tonic's receive buffer, and read data
+//! goes out as views of the stored payload.
 
 mod digest;
 mod read;
@@ -13,10 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use kiln_proto::bytestream::byte_stream_server::ByteStream;
-use kiln_proto::bytestream::{
-    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
-};
+use kiln_proto::bytestream::{QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, WriteResponse};
+use kiln_proto::fast::bytestream::byte_stream_server::ByteStream;
+use kiln_proto::fast::{ReadResponse, WriteRequest};
 use tonic::{Request, Response, Status, Streaming};
 
 pub use read::READ_CHUNK_SIZE;

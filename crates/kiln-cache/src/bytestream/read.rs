@@ -6,7 +6,8 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use kiln_digest::BlobKey;
-use kiln_proto::bytestream::{ReadRequest, ReadResponse};
+use kiln_proto::bytestream::ReadRequest;
+use kiln_proto::fast::ReadResponse;
 use kiln_store::{ChunkStream, codec};
 use tonic::Status;
 
@@ -143,9 +144,7 @@ impl Stream for ReadBody {
                     *r -= n as u64;
                 }
                 let data = this.pending.split_to(n);
-                return Poll::Ready(Some(Ok(ReadResponse {
-                    data: Vec::from(data),
-                })));
+                return Poll::Ready(Some(Ok(ReadResponse { data })));
             }
             let Some(inner) = this.inner.as_mut() else {
                 return Poll::Ready(None);

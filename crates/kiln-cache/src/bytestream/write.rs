@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_digest::{BlobKey, Hasher};
-use kiln_proto::bytestream::{WriteRequest, WriteResponse};
+use kiln_proto::bytestream::WriteResponse;
+use kiln_proto::fast::WriteRequest;
 use kiln_store::{BlobWriter, Encoding};
 use tonic::{Status, Streaming};
 
@@ -97,7 +98,7 @@ pub async fn write(
             .into());
         }
         if !msg.data.is_empty() {
-            let data = Bytes::from(std::mem::take(&mut msg.data));
+            let data = std::mem::take(&mut msg.data);
             upload.ingest(&key, data).await?;
             if compressor == Compressor::Identity {
                 // Compressed uploads cannot resume, so they report 0 throughout.

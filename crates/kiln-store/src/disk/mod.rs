@@ -99,6 +99,33 @@ struct Inner {
 /// A persistent, LRU-bounded blob store in a directory. See the module docs.
 pub struct DiskStore {
     inner: Arc<Inner>,
+    /// Exclusive lock on `<root>/LOCK` held for the store's lifetime, so two
+    /// processes never share a root (the OS releases it even on `kill -9`).
+    _lock: std::fs::File,
+}
+
+/// Takes the root's exclusive lock, creating the root if needed.
+fn lock_root(root: &Path) -> StoreResult<std::fs::File> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| StoreError::io(format!("cannot create disk store root {}", root.display()), e))?;
+    let path = root.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io(format!("cannot open {}", path.display()), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "{} is in use by another process (lock {} is held)",
+            root.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::io(format!("cannot lock {}", path.display()), e))
+        }
+    }
 }
 
 /// Unix time in seconds, as kept in the index.
@@ -147,6 +174,8 @@ impl DiskStore {
     /// runtime.
     pub async fn open(config: DiskConfig) -> StoreResult<Arc<DiskStore>> {
         let layout = Layout::new(config.root.clone());
+        let root = config.root.clone();
+        let lock = task::blocking("disk-lock", move || lock_root(&root)).await??;
         task::blocking("disk-open", {
             let layout = layout.clone();
             move || prepare(&layout)
@@ -169,7 +198,7 @@ impl DiskStore {
             janitor,
         });
         task::spawn("disk-scan", scan::run(Arc::downgrade(&inner)));
-        Ok(Arc::new(DiskStore { inner }))
+        Ok(Arc::new(DiskStore { inner, _lock: lock }))
     }
 
     /// Waits until the startup scan has finished (true), or `timeout` has

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -129,4 +129,122 @@ impl Drop for KilnProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A running `kiln worker` process connected to a scheduler; killed with
+/// SIGKILL when dropped. Its log lines are echoed to the test's stderr,
+/// prefixed with the worker's name.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub name: String,
+    /// The worker's base directory (work and cache directories).
+    pub dir: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts `kiln worker` named `name` with `slots` slots against the
+    /// scheduler on `scheduler` (which also serves the CAS), its
+    /// directories under `base/name`, and waits (at most 30 s) until it has
+    /// registered with the scheduler. `extra_config` is appended to the
+    /// worker's TOML configuration (keys of a `[[workers]]` table).
+    pub fn start(
+        scheduler: SocketAddr,
+        base: &Path,
+        name: &str,
+        slots: u32,
+        extra_config: &str,
+    ) -> WorkerProcess {
+        let dir = base.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("worker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "name = {name:?}\nslots = {slots}\n{extra_config}\n[sandbox]\nkill_grace = \"500ms\"\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "worker",
+                "--scheduler",
+                &format!("http://{scheduler}"),
+                "--config",
+                config.to_str().unwrap(),
+                "--dir",
+                dir.to_str().unwrap(),
+            ])
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kiln worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        let prefix = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{prefix}] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("registered with the scheduler") => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("worker {name} did not register with the scheduler within 30 s");
+                }
+            }
+        }
+        WorkerProcess {
+            child,
+            name: name.to_string(),
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no chance to clean up or drain.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Processes on this machine (the host's /proc) whose command line
+/// contains `token`; zombies (empty command line) are not listed.
+pub fn processes_with(token: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(token) {
+                out.push(pid);
+            }
+        }
+    }
+    out
 }
