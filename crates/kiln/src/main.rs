@@ -17,8 +17,7 @@ use kiln_server::{Overrides, start};
 #[command(
     name = "kiln",
     version,
-    about = "Remote build cache speaking Bazel's Remote Execution API v2",
-    args_conflicts_with_subcommands = true
+    about = "Remote build cache and remote execution speaking Bazel's Remote Execution API v2"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,6 +27,8 @@ struct Cli {
     serve: ServeArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    client: kiln_client::ClientOptions,
 }
 
 #[derive(clap::Args, Clone)]
@@ -57,6 +58,8 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    #[command(flatten)]
+    Client(kiln_client::ClientCommand),
     /// Run a remote execution worker that takes work from a scheduler.
     Worker(WorkerArgs),
     /// Internal: the sandbox helper the worker executes for every action.
@@ -167,6 +170,10 @@ fn main() -> ExitCode {
                 None => ExitCode::FAILURE,
             }
         }
+        Command::Client(cmd) => match runtime() {
+            Some(rt) => rt.block_on(kiln_client::run(cmd, cli.client)),
+            None => ExitCode::FAILURE,
+        },
         Command::Worker(args) => {
             init_logging(&cli.log);
             match runtime() {

@@ -90,7 +90,7 @@ async fn upload(channel: Channel, data: Bytes) -> Result<(), tonic::Status> {
                 resource_name: if i == 0 { resource.clone() } else { String::new() },
                 write_offset: start as i64,
                 finish_write: i + 1 == n,
-                data: data.slice(start..end).to_vec().into(),
+                data: data[start..end].to_vec(),
             }
         })
         .collect();
@@ -155,12 +155,12 @@ fn verify_disk(root: &Path) -> (u64, u64) {
             let data = std::fs::read(&path).unwrap();
             count += 1;
             bytes += data.len() as u64;
-            if let Some((hash, size)) = name.split_once('-') {
-                if !name.contains('.') {
-                    let key = BlobKey::from_hex(DigestFunction::Sha256, hash, size.parse().unwrap()).unwrap();
-                    key.verify(&data)
-                        .unwrap_or_else(|e| panic!("partial or corrupt blob visible at {path:?}: {e}"));
-                }
+            if let Some((hash, size)) = name.split_once('-')
+                && !name.contains('.')
+            {
+                let key = BlobKey::from_hex(DigestFunction::Sha256, hash, size.parse().unwrap()).unwrap();
+                key.verify(&data)
+                    .unwrap_or_else(|e| panic!("partial or corrupt blob visible at {path:?}: {e}"));
             }
         }
     }

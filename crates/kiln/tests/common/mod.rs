@@ -159,9 +159,7 @@ impl WorkerProcess {
         let config = dir.join("worker.toml");
         std::fs::write(
             &config,
-            format!(
-                "name = {name:?}\nslots = {slots}\n{extra_config}\n[sandbox]\nkill_grace = \"500ms\"\n"
-            ),
+            format!("name = {name:?}\nslots = {slots}\n{extra_config}\n[sandbox]\nkill_grace = \"500ms\"\n"),
         )
         .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
