@@ -290,7 +290,7 @@ impl Outcome {
             .result()
             .execution_metadata
             .as_ref()
-            .and_then(|m| m.worker_start_timestamp.clone())
+            .and_then(|m| m.worker_start_timestamp)
             .expect("worker_start_timestamp");
         (t.seconds, t.nanos)
     }
@@ -750,6 +750,43 @@ async fn cancel_operation_stops_the_process() {
     .await;
 }
 
+/// CancelOperation the instant the action's sandbox appears (while it is
+/// still starting), repeatedly: every time, the processes are gone well
+/// before the worker's last-resort SIGKILL of the sandbox helper
+/// (kill_grace 500 ms + 5 s). Regression test: a SIGTERM reaching the
+/// sandbox's init before init had installed its handler was dropped by
+/// the kernel, and the action ran on for 5.5 s.
+#[tokio::test]
+async fn cancel_while_the_sandbox_starts_stops_the_action_promptly() {
+    bounded(async {
+        let rig = Rig::start(&["cancel-early-a"], "10s").await;
+        for round in 0..8 {
+            let m = marker();
+            let action = rig.action(&sh(&format!("exec sleep {m}")), |_| {}).await;
+            let mut stream = rig.execute(&action, false).await.unwrap();
+            let name = until_executing(&mut stream).await;
+            assert!(
+                eventually(Duration::from_secs(10), || !processes_with(&m).is_empty()).await,
+                "round {round}: the sandbox never appeared"
+            );
+            let cancelled_at = Instant::now();
+            rig.ops()
+                .cancel_operation(CancelOperationRequest { name })
+                .await
+                .unwrap();
+            let outcome = finish(stream).await.unwrap();
+            assert_eq!(outcome.code(), Code::Cancelled, "{:?}", outcome.response.status);
+            assert!(
+                eventually(Duration::from_secs(3), || processes_with(&m).is_empty()).await,
+                "round {round}: the action outlived its cancel by {:?}: {:?}",
+                cancelled_at.elapsed(),
+                processes_with(&m)
+            );
+        }
+    })
+    .await;
+}
+
 /// Two callers share one executing action; one cancels its operation. The
 /// other's operation is unaffected: the action keeps running (its process
 /// is not killed) and completes for it.
@@ -879,6 +916,31 @@ async fn unsatisfiable_platform_fails_fast() {
         let o = rig.run(&fine, false).await.unwrap();
         assert_eq!(o.code(), Code::Ok, "{:?}", o.response.status);
         assert_eq!(o.exit_code(), 0);
+    })
+    .await;
+}
+
+/// With no worker registered at all, an action waits `no_worker_wait`
+/// (here 1 s) for one to appear, then fails with FAILED_PRECONDITION in
+/// its ExecuteResponse.
+#[tokio::test]
+async fn no_worker_at_all_fails_after_no_worker_wait() {
+    bounded(async {
+        let rig = Rig::start(&[], "1s").await;
+        let action = rig.action(&sh("true"), |_| {}).await;
+        let started = Instant::now();
+        let outcome = rig.run(&action, false).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(
+            outcome.code(),
+            Code::FailedPrecondition,
+            "{:?}",
+            outcome.response.status
+        );
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+            "failed after {took:?}"
+        );
     })
     .await;
 }
@@ -1058,28 +1120,4 @@ async fn output_symlink_to_etc_passwd_is_uploaded_as_a_symlink() {
         );
     })
     .await;
-}
-
-#[tokio::test]
-async fn zz_tmp_cancel_race() {
-    let rig = Rig::start(&["race-a"], "10s").await;
-    for i in 0..15 {
-        let m = marker();
-        let action = rig.action(&sh(&format!("exec sleep {m}")), |_| {}).await;
-        let mut stream = rig.execute(&action, false).await.unwrap();
-        let name = until_executing(&mut stream).await;
-        // Cancel as soon as any process of it exists.
-        eventually(Duration::from_secs(10), || !processes_with(&m).is_empty()).await;
-        for _ in 0..(i % 5) {
-            tokio::task::yield_now().await;
-        }
-        let t = Instant::now();
-        rig.ops()
-            .cancel_operation(CancelOperationRequest { name })
-            .await
-            .unwrap();
-        let _ = finish(stream).await.unwrap();
-        eventually(Duration::from_secs(10), || processes_with(&m).is_empty()).await;
-        eprintln!("RACE {i}: gone after {:?}", t.elapsed());
-    }
 }

@@ -343,7 +343,6 @@ fn run(a: &Args) -> Result<i32, String> {
     // created, so stdin is polled with the signals.)
     let stdin = std::io::stdin();
     let mut stdin_open = true;
-    let mut forwarded = false;
     loop {
         if let Some(status) = child
             .try_wait()
@@ -351,12 +350,16 @@ fn run(a: &Args) -> Result<i32, String> {
         {
             return Ok(exit_code_of(status));
         }
-        if signals.terminated() && !forwarded {
-            forwarded = true;
+        // The kernel drops a signal sent to the init of a PID namespace
+        // that has no handler for it, and init may not have installed its
+        // handler yet (a cancel right after the start): keep forwarding
+        // SIGTERM until init exits. Init acts on the first one it sees.
+        let terminated = signals.terminated();
+        if terminated {
             let _ = kill(init_pid, Signal::SIGTERM);
         }
         let watch = stdin_open.then(|| stdin.as_fd());
-        if signals.wait(watch, None) {
+        if signals.wait(watch, terminated.then_some(TERM_RESEND)) {
             let mut buf = [0u8; 64];
             match stdin.lock().read(&mut buf) {
                 Ok(n) if n > 0 => {}
@@ -369,6 +372,9 @@ fn run(a: &Args) -> Result<i32, String> {
         }
     }
 }
+
+/// How often stage 1 re-sends SIGTERM to init until init exits.
+const TERM_RESEND: Duration = Duration::from_millis(25);
 
 fn exit_code_of(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
