@@ -9,6 +9,10 @@ mod bs_read;
 mod bs_write;
 mod client;
 mod error;
+mod exec;
+mod exec_cache_hit;
+mod exec_mixed;
+mod exec_noop;
 mod find_missing;
 mod load;
 mod memory;
@@ -45,7 +49,16 @@ pub enum Scenario {
     Memory,
     /// Spawn --server-cmd and time until it answers.
     Startup,
-    /// Every scenario (memory first; startup only with --server-cmd).
+    /// Uncached unique no-op actions executed end to end (concurrency 8).
+    ExecNoop,
+    /// Queue-to-start latency of no-op actions on idle workers (concurrency 1).
+    ExecQueue,
+    /// Execute of actions whose results are cached (concurrency 16).
+    ExecCacheHit,
+    /// Bazel-like mix: 80% AC hits, 20% misses uploaded and executed.
+    ExecMixed,
+    /// Every cache scenario (memory first; startup only with --server-cmd;
+    /// the exec-* scenarios only when named).
     All,
 }
 
@@ -60,6 +73,10 @@ impl Scenario {
             Scenario::BsRead => "bs-read",
             Scenario::Memory => "memory",
             Scenario::Startup => "startup",
+            Scenario::ExecNoop => "exec-noop",
+            Scenario::ExecQueue => "exec-queue",
+            Scenario::ExecCacheHit => "exec-cache-hit",
+            Scenario::ExecMixed => "exec-mixed",
             Scenario::All => "all",
         }
     }
@@ -157,6 +174,36 @@ pub struct Args {
     #[arg(long, default_value_t = 200_000)]
     pub memory_blobs: u64,
 
+    /// exec-noop / exec-queue / exec-mixed: unique actions prepared per
+    /// phase (bounds the phase; upload happens before timing except in
+    /// exec-mixed).
+    #[arg(long, default_value_t = 10_000)]
+    pub exec_actions: usize,
+    /// exec-*: after the `done` Operation, `drain` reads the Execute stream
+    /// to its end (as Bazel does); `drop` drops it at once (the client then
+    /// cancels the stream with RST_STREAM).
+    #[arg(long, value_enum, default_value = "drain")]
+    pub exec_stream_end: StreamEnd,
+    /// exec-noop: concurrent Execute calls.
+    #[arg(long, default_value_t = 8)]
+    pub exec_concurrency: usize,
+    /// exec-queue: concurrent Execute calls (low, so workers are idle).
+    #[arg(long, default_value_t = 1)]
+    pub exec_queue_concurrency: usize,
+    /// exec-cache-hit: concurrent Execute calls.
+    #[arg(long, default_value_t = 16)]
+    pub exec_hit_concurrency: usize,
+    /// exec-cache-hit: actions executed once before timing, then Executed
+    /// again at random.
+    #[arg(long, default_value_t = 64)]
+    pub exec_hit_actions: usize,
+    /// exec-mixed: concurrent simulated actions.
+    #[arg(long, default_value_t = 16)]
+    pub mixed_concurrency: usize,
+    /// exec-mixed: percentage of simulated actions that miss and execute.
+    #[arg(long, default_value_t = 20)]
+    pub mixed_exec_percent: u32,
+
     /// startup: command that starts the server listening on --endpoint
     /// (run with `sh -c 'exec CMD'`).
     #[arg(long)]
@@ -177,6 +224,15 @@ pub struct Args {
     /// startup: most blobs per populate call.
     #[arg(long, default_value_t = 10_000)]
     pub populate_batch: usize,
+}
+
+/// What an Execute client does with the stream after the `done` Operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StreamEnd {
+    /// Read on until the stream ends (trailers).
+    Drain,
+    /// Drop the stream at once.
+    Drop,
 }
 
 /// Parses `4096`, `4KiB`, `16MiB`, `1GiB`, `64K`, `1M` (binary units).
@@ -266,6 +322,10 @@ async fn run_one(ctx: &Ctx, s: Scenario) -> Result<ScenarioReport> {
         Scenario::BsRead => bs_read::run(ctx).await,
         Scenario::Memory => memory::run(ctx).await,
         Scenario::Startup => startup::run(ctx).await,
+        Scenario::ExecNoop => exec_noop::run(ctx).await,
+        Scenario::ExecQueue => exec_noop::run_queue(ctx).await,
+        Scenario::ExecCacheHit => exec_cache_hit::run(ctx).await,
+        Scenario::ExecMixed => exec_mixed::run(ctx).await,
         Scenario::All => Err(BenchError::new("'all' is expanded before running")),
     }
 }
