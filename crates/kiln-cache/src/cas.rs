@@ -32,7 +32,8 @@ use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::fast::cas::content_addressable_storage_server::ContentAddressableStorage;
 use kiln_proto::fast::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse, Digest,
-    FindMissingBlobsRequest, FindMissingBlobsResponse, batch_read_blobs_response, batch_update_blobs_response,
+    FindMissingBlobsRequest, FindMissingBlobsResponse, batch_read_blobs_response,
+    batch_update_blobs_response,
 };
 use kiln_proto::reapi::compressor::Value as Compressor;
 use kiln_proto::reapi::{
@@ -256,7 +257,17 @@ impl CasService {
                 Ok((key, zstd)) => {
                     let weight = r.data.len() as u64 + if zstd { key.size() } else { 0 };
                     payload_bytes += r.data.len() as u64;
-                    items.push((weight, (i, UpdateItem { key, data: r.data, zstd })));
+                    items.push((
+                        weight,
+                        (
+                            i,
+                            UpdateItem {
+                                key,
+                                data: r.data,
+                                zstd,
+                            },
+                        ),
+                    ));
                 }
                 Err(e) => {
                     // The digest is echoed in the answer: it must be a valid string.

@@ -52,7 +52,11 @@ pub fn parse_key(function: DigestFunction, digest: &fast::Digest) -> Result<Blob
     {
         return Ok(key);
     }
-    BlobKey::from_hex(function, &String::from_utf8_lossy(&digest.hash), digest.size_bytes)
+    BlobKey::from_hex(
+        function,
+        &String::from_utf8_lossy(&digest.hash),
+        digest.size_bytes,
+    )
 }
 
 /// The digest function of a request whose digests all use one function:

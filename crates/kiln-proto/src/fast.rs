@@ -353,15 +353,17 @@ mod tests {
         assert!(p >= start && p + 3 <= start + len, "data was copied");
         assert_eq!(fast.resource_name, w.resource_name);
         assert_eq!((fast.write_offset, fast.finish_write), (7, true));
-        assert_eq!(up_bs::WriteRequest::decode(fast.encode_to_vec().as_slice()).unwrap(), w);
+        assert_eq!(
+            up_bs::WriteRequest::decode(fast.encode_to_vec().as_slice()).unwrap(),
+            w
+        );
 
         let r = ReadResponse {
             data: Bytes::from_static(b"data"),
         };
-        assert_eq!(
-            up_bs::ReadResponse::decode(r.encode_to_vec().as_slice()).unwrap().data,
-            b"data"
-        );
+        let wire = Bytes::from(r.encode_to_vec());
+        assert_eq!(up_bs::ReadResponse::decode(wire.clone()).unwrap().data, b"data");
+        assert!(inside(&ReadResponse::decode(wire.clone()).unwrap().data, &wire));
     }
 
     #[test]

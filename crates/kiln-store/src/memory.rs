@@ -3,10 +3,12 @@
 //! # Layout
 //!
 //! Keys are spread over [`SHARDS`] shards by a seeded hash. Each shard is a
-//! `parking_lot::RwLock` around a slab (`Vec<Option<Slot>>`) and a
-//! `hashbrown::HashTable<u32>` of slab indices, so an entry costs one
-//! 96-byte slot plus ~5–10 bytes of table, with no per-entry allocation
-//! besides the payload itself (held as the caller's [`Bytes`], never copied).
+//! `parking_lot::RwLock` around a slab (`Option<Slot>`s in fixed pages of
+//! [`PAGE`], so growing never moves a slot or leaves a freed old slab
+//! behind) and a `hashbrown::HashTable<u32>` of slab indices, so an entry
+//! costs one 96-byte slot plus ~5–10 bytes of table, with no per-entry
+//! allocation besides the payload itself (held as the caller's [`Bytes`],
+//! never copied).
 //!
 //! A streamed write of more than [`ASSEMBLE_BELOW`] bytes is kept as the
 //! list of chunks it arrived in (`Payload::Chunks`), so committing it copies
@@ -35,6 +37,7 @@
 //! equals the sum of stored payload lengths exactly.
 
 use std::hash::BuildHasher;
+use std::ops::{Index, IndexMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -50,6 +53,8 @@ use crate::{Blob, BlobRead, BlobWriter, Encoding, Store, StoreError, StoreResult
 
 /// Number of shards (a power of two).
 const SHARDS: usize = 128;
+/// Slots per slab page.
+const PAGE: usize = 64;
 /// Chunk size of streamed reads (slices of the stored payload).
 const READ_CHUNK: usize = 64 * 1024;
 /// "Referenced since the clock hand last passed" bit of `Slot::used`.
@@ -120,7 +125,13 @@ impl Payload {
                     .iter()
                     .skip(first)
                     .enumerate()
-                    .map(|(i, p)| if i == 0 { p.slice(skip as usize..) } else { p.clone() })
+                    .map(|(i, p)| {
+                        if i == 0 {
+                            p.slice(skip as usize..)
+                        } else {
+                            p.clone()
+                        }
+                    })
                     .collect();
                 let slices = parts.into_iter().flat_map(|p| {
                     let len = p.len();
@@ -142,10 +153,50 @@ struct Slot {
     encoding: Encoding,
 }
 
+/// A shard's slots, in pages of [`PAGE`]. Unlike a `Vec`, growing neither
+/// copies the slots nor over-allocates by a growth factor: at most one page
+/// per shard is partly unused.
+#[derive(Default)]
+struct Slab {
+    pages: Vec<Box<[Option<Slot>]>>,
+    len: usize,
+}
+
+impl Slab {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends a slot and returns its index.
+    fn push(&mut self, slot: Option<Slot>) -> usize {
+        let i = self.len;
+        if i.is_multiple_of(PAGE) {
+            self.pages.push((0..PAGE).map(|_| None).collect());
+        }
+        self.pages[i / PAGE][i % PAGE] = slot;
+        self.len += 1;
+        i
+    }
+}
+
+impl Index<usize> for Slab {
+    type Output = Option<Slot>;
+
+    fn index(&self, i: usize) -> &Option<Slot> {
+        &self.pages[i / PAGE][i % PAGE]
+    }
+}
+
+impl IndexMut<usize> for Slab {
+    fn index_mut(&mut self, i: usize) -> &mut Option<Slot> {
+        &mut self.pages[i / PAGE][i % PAGE]
+    }
+}
+
 #[derive(Default)]
 struct ShardData {
     table: HashTable<u32>,
-    slots: Vec<Option<Slot>>,
+    slots: Slab,
     free: Vec<u32>,
     hand: usize,
 }
@@ -381,14 +432,7 @@ impl Inner {
                             slots[idx as usize] = slot;
                             idx
                         }
-                        None => {
-                            if slots.len() == slots.capacity() {
-                                // Grow by a quarter, not double: bounds slack.
-                                slots.reserve_exact((slots.len() / 4).max(16));
-                            }
-                            slots.push(slot);
-                            (slots.len() - 1) as u32
-                        }
+                        None => slots.push(slot) as u32,
                     };
                     let hasher = &self.hasher;
                     table.insert_unique(h, idx, |&i| match &slots[i as usize] {
@@ -458,9 +502,10 @@ impl Slot {
 impl ShardData {
     /// The slot of `key` (whose hash is `h`), if present.
     fn find(&self, h: u64, key: &BlobKey) -> Option<&Slot> {
-        let idx = *self
-            .table
-            .find(h, |&i| matches!(&self.slots[i as usize], Some(s) if s.key == *key))?;
+        let idx = *self.table.find(
+            h,
+            |&i| matches!(&self.slots[i as usize], Some(s) if s.key == *key),
+        )?;
         self.slots[idx as usize].as_ref()
     }
 
@@ -563,7 +608,9 @@ impl Store for MemoryStore {
     }
 
     async fn put(&self, key: &BlobKey, blob: Blob) -> StoreResult<()> {
-        self.inner.insert(key, blob.encoding, Payload::Whole(blob.data)).await
+        self.inner
+            .insert(key, blob.encoding, Payload::Whole(blob.data))
+            .await
     }
 
     async fn begin_write(&self, key: &BlobKey, encoding: Encoding) -> StoreResult<Box<dyn BlobWriter>> {
@@ -651,7 +698,53 @@ mod tests {
     #[test]
     fn payload_does_not_grow_the_slot() {
         assert_eq!(std::mem::size_of::<Payload>(), std::mem::size_of::<Bytes>());
-        assert!(std::mem::size_of::<Slot>() <= 96, "{}", std::mem::size_of::<Slot>());
+        assert!(
+            std::mem::size_of::<Slot>() <= 96,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
+    }
+
+    #[tokio::test]
+    async fn has_many_answers_in_order_and_marks_found_keys_used() {
+        use kiln_digest::DigestFunction;
+        let store = MemoryStore::new(0);
+        let keys: Vec<BlobKey> = (0..1000u32)
+            .map(|i| BlobKey::of(DigestFunction::Sha256, &i.to_le_bytes()))
+            .collect();
+        for k in keys.iter().step_by(2) {
+            store
+                .put(k, Blob::identity(Bytes::from_static(b"x")))
+                .await
+                .unwrap();
+        }
+        // Nothing is referenced right after insertion.
+        let referenced = |store: &MemoryStore| {
+            let mut n = 0;
+            for shard in store.inner.shards.iter() {
+                let g = shard.data.read();
+                for i in 0..g.slots.len() {
+                    if let Some(s) = &g.slots[i] {
+                        n += usize::from(s.used.load(Ordering::Relaxed) & REF != 0);
+                    }
+                }
+            }
+            n
+        };
+        assert_eq!(referenced(&store), 0);
+        // Reversed order, with duplicates: every shard is visited once, but
+        // answers stay aligned with the query.
+        let mut query: Vec<BlobKey> = keys.iter().rev().cloned().collect();
+        query.extend([keys[0].clone(), keys[1].clone(), keys[0].clone()]);
+        let want: Vec<bool> = query
+            .iter()
+            .map(|k| keys.iter().position(|x| x == k).is_some_and(|i| i % 2 == 0))
+            .collect();
+        assert_eq!(store.has_many(&query).await.unwrap(), want);
+        assert_eq!(referenced(&store), 500);
+        // Tiny queries take the per-key path.
+        assert_eq!(store.has_many(&keys[..2]).await.unwrap(), vec![true, false]);
+        assert_eq!(store.has_many(&[]).await.unwrap(), Vec::<bool>::new());
     }
 
     #[tokio::test]
@@ -664,9 +757,10 @@ mod tests {
         }));
         assert_eq!(payload.clone().contiguous().await.unwrap(), data);
         for start in [0usize, 1, 69_999, 70_000, 70_001, 299_999, 300_000] {
-            let got: Vec<Bytes> = futures::TryStreamExt::try_collect(payload.clone().stream_from(start as u64))
-                .await
-                .unwrap();
+            let got: Vec<Bytes> =
+                futures::TryStreamExt::try_collect(payload.clone().stream_from(start as u64))
+                    .await
+                    .unwrap();
             assert!(got.iter().all(|c| !c.is_empty() && c.len() <= READ_CHUNK));
             assert_eq!(got.concat(), &data[start..], "start {start}");
         }

@@ -595,7 +595,7 @@ async fn abandoned_writer_and_stale_temp_files_are_removed() {
         .collect();
     let mut sorted = leftovers.clone();
     sorted.sort();
-    assert_eq!(sorted, vec!["blobs", "tmp"]);
+    assert_eq!(sorted, vec!["LOCK", "blobs", "tmp"]);
     assert_consistent(&store, dir.path());
 }
 
