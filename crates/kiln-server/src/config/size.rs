@@ -97,6 +97,19 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A size: a number of bytes or a string with a unit, e.g. \"4 MiB\", \"10 GB\"."
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,18 +124,5 @@ mod tests {
         assert!(ByteSize::parse("4 MiBs").is_err());
         assert!(ByteSize::parse("lots").is_err());
         assert_eq!(ByteSize(4 << 20).to_string(), "4 MiB");
-    }
-}
-
-impl schemars::JsonSchema for ByteSize {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "ByteSize".into()
-    }
-
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "description": "A size: a number of bytes or a string with a unit, e.g. \"4 MiB\", \"10 GB\"."
-        })
     }
 }
