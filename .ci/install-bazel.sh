@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/bazel/run.sh (and crates/kiln/tests/bazel_remote_cache.rs)
+# Installs what tests/bazel/run.sh (and crates/kiln/tests/bazel.rs)
 # needs: Debian's Bazel 4.2.3 as `bazel-4` (package bazel-bootstrap, which
 # brings a JDK, build-essential and python3 with it), plus the few tools the
 # driver script uses. Idempotent: does nothing when everything is present.
