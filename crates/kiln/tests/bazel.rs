@@ -45,7 +45,9 @@ fn find_bazel() -> Option<PathBuf> {
 fn run_driver(script: &str, final_check: &str, what: &str) {
     let _one = ONE_BAZEL_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let kiln = env!("CARGO_BIN_EXE_kiln");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bazel").join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/bazel")
+        .join(script);
     assert!(path.is_file(), "driver script {} is missing", path.display());
     assert!(
         find_bazel().is_some(),
