@@ -77,6 +77,25 @@ fn signal(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> +
     }
 }
 
+/// Spawns a listener as a named task; its failure is logged here and also
+/// returned through [`RunningServer::wait`].
+fn spawn_listener(
+    name: &'static str,
+    serve: impl std::future::Future<Output = Result<(), ServerError>> + Send + 'static,
+) -> JoinHandle<Result<(), ServerError>> {
+    use tracing::Instrument;
+    tokio::spawn(
+        async move {
+            let result = serve.await;
+            if let Err(e) = &result {
+                tracing::error!(task = name, error = %e, "listener stopped with an error");
+            }
+            result
+        }
+        .instrument(tracing::info_span!("task", name)),
+    )
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr).await.map_err(|source| ServerError::Io {
         context: format!("binding the {what} listener to {addr}"),
@@ -170,19 +189,15 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
             }
         }));
     }
-    let grpc_task = tokio::spawn(grpc::serve(
-        grpc_listener,
-        instances.clone(),
-        scheduler.clone(),
-        signal(&rx),
-    ));
+    let grpc_task = spawn_listener(
+        "grpc-listener",
+        grpc::serve(grpc_listener, instances.clone(), scheduler.clone(), signal(&rx)),
+    );
     let named_stores = stores.by_name.into_iter().collect();
-    let http_task = tokio::spawn(http::serve(
-        http_listener,
-        instances.clone(),
-        named_stores,
-        signal(&rx),
-    ));
+    let http_task = spawn_listener(
+        "http-listener",
+        http::serve(http_listener, instances.clone(), named_stores, signal(&rx)),
+    );
     tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "kiln serving");
     Ok(RunningServer {
         grpc_addr,
