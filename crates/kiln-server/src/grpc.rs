@@ -33,6 +33,7 @@ pub async fn serve(
     listener: TcpListener,
     instances: Arc<Instances>,
     scheduler: Option<Arc<Scheduler>>,
+    metrics: Arc<crate::metrics::ServerMetrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -45,7 +46,7 @@ pub async fn serve(
         reporter.set_service_status(*name, ServingStatus::Serving).await;
     }
     let mut routes = tonic::service::RoutesBuilder::default();
-    kiln_cache::add_routes(&mut routes, instances);
+    kiln_cache::add_routes(&mut routes, instances.clone());
     if let Some(s) = &scheduler {
         s.add_routes(&mut routes);
     }
@@ -58,6 +59,7 @@ pub async fn serve(
         .initial_connection_window_size(32 << 20)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .layer(metrics.grpc_layer())
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

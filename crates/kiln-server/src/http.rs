@@ -1,4 +1,4 @@
-//! The HTTP listener: `/healthz` and `/stats` (later also metrics and the
+//! The HTTP listener: `/healthz`, `/stats` and `/metrics` (later also the
 //! dashboard).
 
 use std::collections::BTreeMap;
@@ -15,26 +15,33 @@ use kiln_store::Store;
 use tokio::net::TcpListener;
 
 use crate::ServerError;
+use crate::metrics::MetricsRegistry;
 
 #[derive(Clone)]
 struct HttpState {
     instances: Arc<Instances>,
     stores: Arc<BTreeMap<String, Arc<dyn Store>>>,
+    metrics: Arc<MetricsRegistry>,
 }
 
 pub async fn serve(
     listener: TcpListener,
     instances: Arc<Instances>,
     stores: BTreeMap<String, Arc<dyn Store>>,
+    server_metrics: Arc<crate::metrics::ServerMetrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let stores = Arc::new(stores);
+    let metrics = Arc::new(MetricsRegistry::new(server_metrics, stores.clone()));
     let state = HttpState {
         instances,
-        stores: Arc::new(stores),
+        stores,
+        metrics,
     };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics_text))
         .with_state(state);
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -79,4 +86,23 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::json!({ "stores": stores }).to_string(),
     )
+}
+
+/// Prometheus metrics in the OpenMetrics text format.
+async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
+    match state.metrics.encode().await {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+            text,
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "cannot encode metrics\n".to_string(),
+            )
+        }
+    }
 }

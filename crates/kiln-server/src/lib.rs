@@ -7,6 +7,7 @@ mod data_dir;
 mod error;
 pub mod grpc;
 mod http;
+pub mod metrics;
 mod server;
 mod stores;
 

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::metrics::ServerMetrics;
 use crate::stores::build_stores;
 use crate::{ServerError, data_dir, grpc, http};
 
@@ -189,14 +190,31 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
             }
         }));
     }
+    // One set of metrics per server, shared by both listeners.
+    let metrics = Arc::new(ServerMetrics::new());
+    if let Some(s) = &scheduler {
+        metrics.set_scheduler(s);
+    }
     let grpc_task = spawn_listener(
         "grpc-listener",
-        grpc::serve(grpc_listener, instances.clone(), scheduler.clone(), signal(&rx)),
+        grpc::serve(
+            grpc_listener,
+            instances.clone(),
+            scheduler.clone(),
+            metrics.clone(),
+            signal(&rx),
+        ),
     );
     let named_stores = stores.by_name.into_iter().collect();
     let http_task = spawn_listener(
         "http-listener",
-        http::serve(http_listener, instances.clone(), named_stores, signal(&rx)),
+        http::serve(
+            http_listener,
+            instances.clone(),
+            named_stores,
+            metrics,
+            signal(&rx),
+        ),
     );
     tracing::info!(%grpc_addr, %http_addr, data_dir = %data_dir.display(), "kiln serving");
     Ok(RunningServer {
