@@ -18,8 +18,7 @@ use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{
-    BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest, GetCapabilitiesRequest,
-    ServerCapabilities, batch_update_blobs_request,
+    BatchReadBlobsRequest, FindMissingBlobsRequest, GetCapabilitiesRequest, ServerCapabilities,
 };
 use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
@@ -290,29 +289,19 @@ impl Remote {
         }
         let resp = self
             .cas_client()
-            .batch_update_blobs(BatchUpdateBlobsRequest {
-                instance_name: self.instance.clone(),
-                requests: blobs
-                    .iter()
-                    .map(|(k, data)| batch_update_blobs_request::Request {
-                        digest: Some(k.to_digest()),
-                        data: data.to_vec(),
-                        compressor: 0,
-                    })
-                    .collect(),
-                digest_function: self.proto_function(),
-            })
+            .batch_update_blobs(kiln_digest::batch::batch_update_request(
+                &self.instance,
+                self.proto_function(),
+                &blobs,
+            ))
             .await
             .map_err(ClientError::rpc("BatchUpdateBlobs"))?
             .into_inner();
-        for r in resp.responses {
-            if let Some(s) = r.status.filter(|s| s.code != 0) {
-                let what = r.digest.map(|d| format!("{}/{}", d.hash, d.size_bytes));
-                return Err(ClientError::Rpc {
-                    context: format!("BatchUpdateBlobs of {}", what.unwrap_or_default()),
-                    status: tonic::Status::new(Code::from_i32(s.code), s.message),
-                });
-            }
+        if let Some((what, s)) = kiln_digest::batch::first_failed_update(resp) {
+            return Err(ClientError::Rpc {
+                context: format!("BatchUpdateBlobs of {what}"),
+                status: tonic::Status::new(Code::from_i32(s.code), s.message),
+            });
         }
         Ok(())
     }

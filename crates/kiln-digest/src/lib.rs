@@ -5,6 +5,7 @@
 //! lengths collide across functions (BLAKE3 and SHA-256 are both 64 hex
 //! characters; SHA-1 and GITSHA1 both 40), so the function is part of the key.
 
+pub mod batch;
 mod error;
 mod function;
 mod hasher;

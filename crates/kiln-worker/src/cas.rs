@@ -14,10 +14,7 @@ use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_proto::reapi::{
-    BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest, GetCapabilitiesRequest,
-    batch_update_blobs_request,
-};
+use kiln_proto::reapi::{BatchReadBlobsRequest, FindMissingBlobsRequest, GetCapabilitiesRequest};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -364,29 +361,19 @@ impl InstanceCas {
         for group in groups {
             let resp = self
                 .cas_client()
-                .batch_update_blobs(BatchUpdateBlobsRequest {
-                    instance_name: self.instance.clone(),
-                    requests: group
-                        .iter()
-                        .map(|(k, data)| batch_update_blobs_request::Request {
-                            digest: Some(k.to_digest()),
-                            data: data.to_vec(),
-                            compressor: 0,
-                        })
-                        .collect(),
-                    digest_function: self.proto_function(),
-                })
+                .batch_update_blobs(kiln_digest::batch::batch_update_request(
+                    &self.instance,
+                    self.proto_function(),
+                    &group,
+                ))
                 .await
                 .map_err(WorkerError::cas("BatchUpdateBlobs"))?
                 .into_inner();
-            for r in resp.responses {
-                if let Some(s) = r.status.filter(|s| s.code != 0) {
-                    let what = r.digest.map(|d| format!("{}/{}", d.hash, d.size_bytes));
-                    return Err(WorkerError::Cas {
-                        context: format!("BatchUpdateBlobs of {}", what.unwrap_or_default()),
-                        status: tonic::Status::new(Code::from_i32(s.code), s.message),
-                    });
-                }
+            if let Some((what, s)) = kiln_digest::batch::first_failed_update(resp) {
+                return Err(WorkerError::Cas {
+                    context: format!("BatchUpdateBlobs of {what}"),
+                    status: tonic::Status::new(Code::from_i32(s.code), s.message),
+                });
             }
         }
         Ok(())
