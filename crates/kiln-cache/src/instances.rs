@@ -86,6 +86,7 @@ pub struct Instances {
     by_name: HashMap<String, Arc<Instance>>,
     limits: CacheLimits,
     execution: OnceLock<Box<ExecutionCapabilitiesFn>>,
+    counters: Arc<crate::CacheCounters>,
 }
 
 impl Instances {
@@ -97,7 +98,13 @@ impl Instances {
                 .collect(),
             limits,
             execution: OnceLock::new(),
+            counters: Arc::default(),
         }
+    }
+
+    /// The cache activity counters every service of these instances counts into.
+    pub fn counters(&self) -> &Arc<crate::CacheCounters> {
+        &self.counters
     }
 
     /// Installs the source of ExecutionCapabilities (once, when a scheduler

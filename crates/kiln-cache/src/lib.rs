@@ -5,11 +5,13 @@ pub mod action_cache;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
+pub mod counters;
 mod error;
 pub mod get_tree;
 mod instances;
 pub mod wire;
 
+pub use counters::{CacheCounters, CacheCountersSnapshot};
 pub use error::{CacheError, CacheResult};
 pub use instances::{CacheLimits, ExecutionCapabilitiesFn, Instance, Instances};
 

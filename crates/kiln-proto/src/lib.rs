@@ -20,5 +20,6 @@ pub use bazel_remote_apis::google::protobuf;
 pub use bazel_remote_apis::google::rpc;
 
 pub mod fast;
+pub mod request_info;
 pub mod rpc_details;
 pub mod worker;
