@@ -24,8 +24,8 @@ use std::time::Duration;
 use futures::Stream;
 use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::execution_server::Execution;
-use kiln_proto::reapi::{ExecuteRequest, RequestMetadata, WaitExecutionRequest};
-use prost::Message;
+use kiln_proto::reapi::{ExecuteRequest, WaitExecutionRequest};
+use kiln_proto::request_info::RequestInfo;
 use tonic::{Request, Response, Status};
 
 use crate::ac::InlineRequest;
@@ -34,7 +34,7 @@ use crate::scheduler::{ExecStart, Scheduler, inline_request};
 use crate::state::OperationWatch;
 
 /// Binary header carrying a `RequestMetadata`.
-pub const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
+pub use kiln_proto::request_info::REQUEST_METADATA_HEADER;
 
 /// Re-send period of the current state on an otherwise idle stream.
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
@@ -49,18 +49,6 @@ impl ExecutionService {
     pub fn new(scheduler: Arc<Scheduler>) -> Self {
         ExecutionService { scheduler }
     }
-}
-
-/// RequestMetadata.tool_invocation_id from the request headers ("" if absent
-/// or undecodable).
-pub fn invocation_id<T>(request: &Request<T>) -> String {
-    request
-        .metadata()
-        .get_bin(REQUEST_METADATA_HEADER)
-        .and_then(|v| v.to_bytes().ok())
-        .and_then(|b| RequestMetadata::decode(b).ok())
-        .map(|m| m.tool_invocation_id)
-        .unwrap_or_default()
 }
 
 /// Streams an operation from its watch until it is done.
@@ -124,9 +112,11 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let invocation = invocation_id(&request);
+        // Parsed once: fair share uses its invocation id, the completion
+        // record all of it. Absent or undecodable → empty.
+        let info = RequestInfo::from_metadata(request.metadata()).unwrap_or_default();
         let req = request.into_inner();
-        match self.scheduler.execute(&req, invocation).await? {
+        match self.scheduler.execute(&req, info).await? {
             ExecStart::Cached(op) => Ok(Response::new(Box::pin(futures::stream::once(
                 async move { Ok(*op) },
             )))),

@@ -18,6 +18,7 @@ pub mod config;
 mod error;
 pub mod execution_service;
 pub mod inputs;
+pub mod observe;
 pub mod operations;
 pub mod operations_service;
 pub mod platform;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 
 pub use config::{PropertyRule, SchedulerConfig};
 pub use error::{SchedulerError, SchedulerResult, missing_subject};
+pub use observe::{ActionObserver, ActionRecord};
 pub use scheduler::Scheduler;
 
 use kiln_proto::longrunning::operations_server::OperationsServer;

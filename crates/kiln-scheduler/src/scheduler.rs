@@ -12,6 +12,7 @@ use kiln_proto::longrunning::Operation;
 use kiln_proto::reapi::execution_stage::Value as Stage;
 use kiln_proto::reapi::priority_capabilities::PriorityRange;
 use kiln_proto::reapi::{ExecuteRequest, ExecuteResponse, ExecutionCapabilities, PriorityCapabilities};
+use kiln_proto::request_info::RequestInfo;
 use kiln_proto::worker::{SchedulerCommand, scheduler_command};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
@@ -20,6 +21,7 @@ use crate::ac::{self, InlineRequest};
 use crate::config::SchedulerConfig;
 use crate::error::{SchedulerError, SchedulerResult};
 use crate::inputs::{self, DirCache};
+use crate::observe::{ActionObserver, ActionRecord, Observers};
 use crate::operations::{from_proto_duration, to_operation};
 use crate::platform::{Requirements, effective_platform};
 use crate::state::memory::MemoryState;
@@ -51,6 +53,7 @@ pub struct Scheduler {
     pub(crate) conns: Mutex<HashMap<String, Conn>>,
     dirs: DirCache,
     next_conn: AtomicU64,
+    pub(crate) observers: Observers,
 }
 
 impl Scheduler {
@@ -81,6 +84,7 @@ impl Scheduler {
             conns: Mutex::new(HashMap::new()),
             dirs: DirCache::new(DIR_CACHE_ENTRIES),
             next_conn: AtomicU64::new(seed),
+            observers: Observers::default(),
         });
         let weak = Arc::downgrade(&scheduler);
         let period = scheduler.config.tick_interval;
@@ -132,6 +136,12 @@ impl Scheduler {
             supported_node_properties: Vec::new(),
             digest_functions: functions,
         })
+    }
+
+    /// Registers an observer of finished actions and Execute cache hits
+    /// (see [`crate::observe`]).
+    pub fn add_observer(&self, observer: Arc<dyn ActionObserver>) {
+        self.observers.add(observer);
     }
 
     /// Queue, executing and worker counts.
@@ -197,7 +207,7 @@ impl Scheduler {
     pub(crate) async fn execute(
         &self,
         req: &ExecuteRequest,
-        invocation_id: String,
+        request: RequestInfo,
     ) -> SchedulerResult<ExecStart> {
         let instance = self.instances.get(&req.instance_name)?.clone();
         let digest = req
@@ -234,6 +244,23 @@ impl Scheduler {
                     ..Default::default()
                 }),
             };
+            self.observers.notify(|| {
+                let result = view.response.as_ref().and_then(|r| r.result.as_ref());
+                ActionRecord {
+                    operation: view.name.clone(),
+                    instance_name: req.instance_name.clone(),
+                    digest_function: f,
+                    action_digest: view.action_digest.clone(),
+                    cached: true,
+                    status_code: 0,
+                    exit_code: result.map(|r| r.exit_code),
+                    worker: String::new(),
+                    metadata: result.and_then(|r| r.execution_metadata.clone()),
+                    request,
+                    platform: Default::default(),
+                    completed_at: SystemTime::now(),
+                }
+            });
             return Ok(ExecStart::Cached(Box::new(to_operation(&view))));
         }
 
@@ -259,7 +286,8 @@ impl Scheduler {
             platform,
             requirements,
             priority: req.execution_policy.as_ref().map(|p| p.priority).unwrap_or(0),
-            invocation_id,
+            invocation_id: request.tool_invocation_id.clone(),
+            request,
             timeout,
             cacheable,
         };

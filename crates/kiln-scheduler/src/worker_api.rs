@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
+use kiln_proto::reapi::ExecuteResponse;
 use kiln_proto::worker::worker_api_server::WorkerApi;
 use kiln_proto::worker::{
     Finished, PROTOCOL_VERSION, Register, Registered, SchedulerCommand, WorkerUpdate, scheduler_command,
@@ -16,10 +17,11 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ac;
-use crate::operations::to_proto_duration;
+use crate::observe::ActionRecord;
+use crate::operations::{to_proto_duration, to_timestamp};
 use crate::platform::WorkerCaps;
 use crate::scheduler::{Conn, Scheduler};
-use crate::state::{ConnId, WorkerRegistration};
+use crate::state::{ConnId, LeaseInfo, WorkerRegistration};
 
 /// How long a new stream may take to send `Register`.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -196,7 +198,8 @@ async fn finished(s: &Arc<Scheduler>, worker: &str, conn: ConnId, f: Finished) -
             details: Vec::new(),
         });
     }
-    if let Some(info) = s.state.lease_info(worker, &f.lease_id).await
+    let info = s.state.lease_info(worker, &f.lease_id).await;
+    if let Some(info) = &info
         && info.cacheable
         && ac::cacheable_response(&response)
         && let Some(result) = &response.result
@@ -210,7 +213,51 @@ async fn finished(s: &Arc<Scheduler>, worker: &str, conn: ConnId, f: Finished) -
             Err(e) => tracing::warn!(error = %e, "lease of an unknown instance"),
         }
     }
-    s.state
+    // Built before the response moves into the state, reported once the
+    // operations are complete.
+    let record = info
+        .filter(|_| s.observers.listening())
+        .map(|info| completion_record(worker, &info, &response));
+    let effects = s
+        .state
         .lease_finished(worker, conn, &f.lease_id, response, SystemTime::now())
-        .await
+        .await;
+    if let Some(record) = record {
+        s.observers.report(&record);
+    }
+    effects
+}
+
+/// The observation record of a result a worker reported.
+fn completion_record(worker: &str, info: &LeaseInfo, response: &ExecuteResponse) -> ActionRecord {
+    let result = response.result.as_ref();
+    let worker_name = if info.worker_name.is_empty() {
+        worker.to_string()
+    } else {
+        info.worker_name.clone()
+    };
+    let metadata = result.map(|r| {
+        let mut md = r.execution_metadata.clone().unwrap_or_default();
+        if md.worker.is_empty() {
+            md.worker = worker_name.clone();
+        }
+        if md.queued_timestamp.is_none() {
+            md.queued_timestamp = Some(to_timestamp(info.queued_at));
+        }
+        md
+    });
+    ActionRecord {
+        operation: info.operation.clone(),
+        instance_name: info.instance_name.clone(),
+        digest_function: info.job.digest_function,
+        action_digest: info.action_key.to_digest(),
+        cached: false,
+        status_code: response.status.as_ref().map(|s| s.code).unwrap_or(0),
+        exit_code: result.map(|r| r.exit_code),
+        worker: worker_name,
+        metadata,
+        request: info.job.request.clone(),
+        platform: info.job.platform.clone(),
+        completed_at: SystemTime::now(),
+    }
 }

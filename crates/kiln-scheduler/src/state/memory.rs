@@ -368,6 +368,10 @@ impl SchedulerState for MemoryState {
             instance_name: job.new.instance_name.clone(),
             action_key: job.new.action_key.clone(),
             cacheable: job.new.cacheable,
+            job: job.new.clone(),
+            operation: job.ops.first().cloned().unwrap_or_default(),
+            worker_name: g.workers.get(worker).map(|w| w.name.clone()).unwrap_or_default(),
+            queued_at: job.queued_at,
         })
     }
 

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::reapi::execution_stage::Value as Stage;
 use kiln_proto::reapi::{Action, Command, Digest, ExecuteResponse, ExecutedActionMetadata, Platform};
+use kiln_proto::request_info::RequestInfo;
 use kiln_proto::worker::{Heartbeat, Progress, SchedulerCommand};
 use tokio::sync::watch;
 
@@ -44,6 +45,8 @@ pub struct NewJob {
     pub priority: i32,
     /// RequestMetadata.tool_invocation_id ("" when absent).
     pub invocation_id: String,
+    /// The Execute call's RequestMetadata (for the completion record).
+    pub request: RequestInfo,
     /// Effective timeout.
     pub timeout: Duration,
     /// !Action.do_not_cache: identical in-flight actions are merged and the
@@ -97,6 +100,13 @@ pub struct LeaseInfo {
     pub instance_name: String,
     pub action_key: BlobKey,
     pub cacheable: bool,
+    /// The job the lease runs (for the completion record).
+    pub job: Arc<NewJob>,
+    /// The first operation of the job.
+    pub operation: String,
+    /// The worker's name.
+    pub worker_name: String,
+    pub queued_at: SystemTime,
 }
 
 /// A command for the worker stream `conn` of `worker`. It is delivered only
