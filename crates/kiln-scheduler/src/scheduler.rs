@@ -144,6 +144,11 @@ impl Scheduler {
         self.observers.add(observer);
     }
 
+    /// A bounded copy of the live queue, executing actions and workers.
+    pub async fn snapshot(&self) -> crate::state::snapshot::StateSnapshot {
+        self.state.snapshot(SystemTime::now()).await
+    }
+
     /// Queue, executing and worker counts.
     pub async fn stats(&self) -> StateStats {
         self.state.stats().await

@@ -3,6 +3,7 @@
 //! and returns the messages to deliver as [`Effects`].
 
 mod model;
+mod snapshot;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::error::{SchedulerError, SchedulerResult};
 use crate::operations::{epoch_ms, error_response};
 use crate::platform::unsatisfiable_reason;
 use crate::queue::{JobId, QueueEntry, ReadyQueue};
+use crate::state::snapshot::StateSnapshot;
 use crate::state::{
     ConnId, Effects, LeaseInfo, NewJob, OperationView, OperationWatch, Outgoing, SchedulerState, StateStats,
     Submitted, WorkerRegistration,
@@ -259,6 +261,7 @@ impl SchedulerState for MemoryState {
                         leases: HashSet::new(),
                         reserved: HashMap::new(),
                         last_seen: now,
+                        load: 0.0,
                     },
                 );
             }
@@ -290,10 +293,11 @@ impl SchedulerState for MemoryState {
             }
             return effects;
         }
-        if hb.free_slots > 0
-            && let Some(w) = inner.workers.get_mut(worker)
-        {
-            w.paused = false;
+        if let Some(w) = inner.workers.get_mut(worker) {
+            w.load = hb.load;
+            if hb.free_slots > 0 {
+                w.paused = false;
+            }
         }
         let running: HashSet<&String> = hb.running_leases.iter().collect();
         let mut lost = Vec::new();
@@ -600,6 +604,10 @@ impl SchedulerState for MemoryState {
 
         inner.dispatch(config, &mut effects, now);
         effects
+    }
+
+    async fn snapshot(&self, now: SystemTime) -> StateSnapshot {
+        self.inner.lock().snapshot(now)
     }
 
     async fn stats(&self) -> StateStats {

@@ -10,6 +10,7 @@
 //! several schedulers serve one fleet.
 
 pub mod memory;
+pub mod snapshot;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -228,4 +229,8 @@ pub trait SchedulerState: Send + Sync + 'static {
     async fn tick(&self, now: SystemTime) -> Effects;
 
     async fn stats(&self) -> StateStats;
+
+    /// A bounded read-only copy of the queued and executing actions and the
+    /// workers, for the dashboard (see [`snapshot`]).
+    async fn snapshot(&self, now: SystemTime) -> snapshot::StateSnapshot;
 }

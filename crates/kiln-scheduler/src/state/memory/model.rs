@@ -75,6 +75,8 @@ pub(super) struct Worker {
     pub(super) leases: HashSet<String>,
     pub(super) reserved: HashMap<String, u64>,
     pub(super) last_seen: SystemTime,
+    /// Load from its last heartbeat (informational).
+    pub(super) load: f64,
 }
 
 impl Worker {
