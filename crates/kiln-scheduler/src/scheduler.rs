@@ -149,6 +149,12 @@ impl Scheduler {
         self.state.snapshot(SystemTime::now()).await
     }
 
+    /// The current view of an operation, running or retained after it
+    /// completed (read-only; for the dashboard).
+    pub async fn operation(&self, name: &str) -> Option<Arc<OperationView>> {
+        self.state.get(name, SystemTime::now()).await
+    }
+
     /// Queue, executing and worker counts.
     pub async fn stats(&self) -> StateStats {
         self.state.stats().await
