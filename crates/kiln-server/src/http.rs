@@ -1,5 +1,5 @@
-//! The HTTP listener: `/healthz`, `/stats` and `/metrics` (later also the
-//! dashboard).
+//! The HTTP listener: `/healthz`, `/stats`, `/metrics` and the web
+//! dashboard (`/`, `/assets/...`, `/api/...`, see the kiln-dashboard crate).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +29,7 @@ pub async fn serve(
     instances: Arc<Instances>,
     stores: BTreeMap<String, Arc<dyn Store>>,
     server_metrics: Arc<crate::metrics::ServerMetrics>,
+    dashboard: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let stores = Arc::new(stores);
@@ -42,7 +43,8 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics_text))
-        .with_state(state);
+        .with_state(state)
+        .merge(dashboard);
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on an HTTP connection");

@@ -205,7 +205,14 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
             signal(&rx),
         ),
     );
-    let named_stores = stores.by_name.into_iter().collect();
+    let named_stores: std::collections::BTreeMap<String, Arc<dyn kiln_store::Store>> =
+        stores.by_name.into_iter().collect();
+    let dashboard = kiln_dashboard::router(kiln_dashboard::DashboardContext::new(
+        instances.clone(),
+        scheduler.clone(),
+        named_stores.clone(),
+        rx.clone(),
+    ));
     let http_task = spawn_listener(
         "http-listener",
         http::serve(
@@ -213,6 +220,7 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
             instances.clone(),
             named_stores,
             metrics,
+            dashboard,
             signal(&rx),
         ),
     );

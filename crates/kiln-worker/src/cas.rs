@@ -411,6 +411,11 @@ impl InstanceCas {
         let file = tokio::fs::File::open(path)
             .await
             .map_err(WorkerError::io(format!("opening output {}", path.display())))?;
+        self.write_open_file(key, file).await
+    }
+
+    /// Streams an open file, from its current offset, as blob `key`.
+    pub async fn write_open_file(&self, key: &BlobKey, file: tokio::fs::File) -> WorkerResult<()> {
         let resource = self.write_resource(key);
         let size = key.size();
         let state = (file, 0u64, resource, false);

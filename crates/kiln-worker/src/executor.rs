@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kiln_digest::{BlobKey, DigestFunction};
@@ -26,7 +25,7 @@ use crate::local_cas::LocalCas;
 use crate::materialize::{self, remove_tree};
 use crate::metadata::{ResourceUsage, now, proto_duration};
 use crate::outputs::{self, Upload};
-use crate::sandbox::{Ending, RunOutcome, RunSpec, Sandbox};
+use crate::sandbox::{Ending, Report, RunOutcome, RunSpec, Sandbox, SlotLease};
 use crate::tree::{DirectoryCache, InputTree};
 use crate::upload::upload_all;
 
@@ -60,8 +59,6 @@ pub struct Executor {
     local: Arc<LocalCas>,
     dirs: DirectoryCache,
     sandbox: Arc<Sandbox>,
-    work_dir: PathBuf,
-    counter: AtomicU64,
 }
 
 impl Executor {
@@ -85,8 +82,6 @@ impl Executor {
             local,
             dirs: DirectoryCache::new(64 << 20),
             sandbox,
-            work_dir,
-            counter: AtomicU64::new(0),
         }))
     }
 
@@ -221,42 +216,27 @@ impl Executor {
             _ = cancel.cancelled() => return Err(WorkerError::Cancelled("cancelled while fetching inputs".into())),
         };
 
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let action_dir = self.work_dir.join(format!("a{n}"));
+        let slot = self.sandbox.acquire().await?;
         let r = self
-            .run_in_dir(
-                job,
-                cancel,
-                md,
-                &cas,
-                &action_dir,
-                plan,
-                parents,
-                &pins,
-                checked,
-                network,
-                format,
-                progress,
+            .run_in_slot(
+                job, cancel, md, &cas, &slot, plan, parents, &pins, checked, network, format, progress,
             )
             .await;
         drop(pins);
-        let dir = action_dir.clone();
-        match task::blocking("remove-action-dir", move || remove_tree(&dir)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "removing an action directory failed"),
-            Err(e) => tracing::warn!(error = %e, "removing an action directory failed"),
+        if let Err(e) = slot.release().await {
+            tracing::warn!(error = %e, "emptying a sandbox slot failed");
         }
         r
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn run_in_dir(
+    async fn run_in_slot(
         &self,
         job: &Job,
         cancel: &CancellationToken,
         md: &mut ExecutedActionMetadata,
         cas: &InstanceCas,
-        action_dir: &Path,
+        slot: &SlotLease,
         plan: crate::tree::InputPlan,
         parents: Vec<crate::paths::RelPath>,
         pins: &crate::local_cas::Pins,
@@ -265,22 +245,13 @@ impl Executor {
         format: OutputDirectoryFormat,
         progress: ProgressFn<'_>,
     ) -> WorkerResult<(ActionResult, bool)> {
-        let exec_root = action_dir.join("root");
+        // The slot's input root exists and is empty.
+        let exec_root = slot.root().to_path_buf();
         let owner = self.sandbox.owner();
         let local = self.local.clone();
-        {
-            let action_dir = action_dir.to_path_buf();
+        if !plan.is_empty() || !parents.is_empty() {
             let exec_root = exec_root.clone();
             task::blocking("materialize", move || -> WorkerResult<()> {
-                std::fs::create_dir(&action_dir)
-                    .map_err(WorkerError::io(format!("creating {}", action_dir.display())))?;
-                if let Some(o) = owner {
-                    std::os::unix::fs::lchown(&action_dir, Some(o.uid), Some(o.gid)).map_err(
-                        WorkerError::io("handing the action directory to the sandbox user"),
-                    )?;
-                }
-                std::fs::create_dir(&exec_root)
-                    .map_err(WorkerError::io(format!("creating {}", exec_root.display())))?;
                 materialize::materialize(&exec_root, &plan, |k| local.path_of(k), &parents, owner)
             })
             .await??;
@@ -293,12 +264,9 @@ impl Executor {
         }
 
         let spec = RunSpec {
-            action_dir: action_dir.to_path_buf(),
             cwd: checked.layout.working_dir.on_disk(&exec_root),
             argv: checked.argv.clone(),
             env: checked.env.clone(),
-            stdout: action_dir.join("stdout"),
-            stderr: action_dir.join("stderr"),
             network,
             timeout: if job.timeout.is_zero() {
                 DEFAULT_TIMEOUT
@@ -308,7 +276,7 @@ impl Executor {
         };
         md.execution_start_timestamp = Some(now());
         progress(Phase::Executing, md);
-        let outcome = self.sandbox.run(&spec, cancel).await?;
+        let outcome = slot.run(&spec, cancel).await?;
         md.execution_completed_timestamp = Some(now());
         if outcome.ending == Ending::Cancelled {
             return Err(WorkerError::Cancelled("the action was cancelled".into()));
@@ -321,13 +289,20 @@ impl Executor {
         progress(Phase::Uploading, md);
         let layout = checked.layout.clone();
         let function = job.digest_function;
-        let stdout_path = spec.stdout.clone();
-        let stderr_path = spec.stderr.clone();
         let inline = self.config.inline_stdio_bytes;
+        let RunOutcome {
+            ending,
+            exit_code,
+            report,
+            sandboxed,
+            network: had_network,
+            stdout,
+            stderr,
+        } = outcome;
         let (mut collected, stdio) = task::blocking("collect-outputs", move || -> WorkerResult<_> {
             let collected = outputs::collect(&exec_root, &layout, function, format)?;
-            let stdout = stdio_blob(function, &stdout_path, inline)?;
-            let stderr = stdio_blob(function, &stderr_path, inline)?;
+            let stdout = stdio_blob(function, stdout, inline, "stdout")?;
+            let stderr = stdio_blob(function, stderr, inline, "stderr")?;
             Ok((collected, [stdout, stderr]))
         })
         .await??;
@@ -346,37 +321,37 @@ impl Executor {
         md.output_upload_completed_timestamp = Some(now());
 
         let mut result = collected.result;
-        result.exit_code = outcome.exit_code;
-        md.auxiliary_metadata.push(resource_usage(&outcome).to_any());
-        Ok((result, outcome.ending == Ending::TimedOut))
+        result.exit_code = exit_code;
+        md.auxiliary_metadata
+            .push(resource_usage(&report, sandboxed, had_network).to_any());
+        Ok((result, ending == Ending::TimedOut))
     }
 }
 
 /// The resource usage of a run, for `auxiliary_metadata`.
-fn resource_usage(outcome: &RunOutcome) -> ResourceUsage {
-    let r = outcome.report.unwrap_or_default();
+fn resource_usage(r: &Report, sandboxed: bool, network: bool) -> ResourceUsage {
     let us = |v: i64| proto_duration(Duration::from_micros(v.max(0) as u64));
     ResourceUsage {
         user_cpu: Some(us(r.user_cpu_us)),
         system_cpu: Some(us(r.system_cpu_us)),
         peak_memory_bytes: (r.max_rss_kb.max(0) as u64) * 1024,
-        sandboxed: outcome.sandboxed,
-        network: outcome.network,
+        sandboxed,
+        network,
         signal: r.signal,
     }
 }
 
-/// Digest, upload and inline copy (when at most `inline` bytes) of a
-/// stdout/stderr file; a missing file is empty.
+/// Digest, upload and inline copy (when at most `inline` bytes) of the
+/// command's stdout or stderr.
 fn stdio_blob(
     function: DigestFunction,
-    path: &Path,
+    file: std::fs::File,
     inline: u64,
+    what: &str,
 ) -> WorkerResult<(BlobKey, Option<Upload>, Vec<u8>)> {
-    if !path.exists() {
+    let Some((key, upload)) = outputs::hash_open_file(function, file, what)? else {
         return Ok((BlobKey::empty(function), None, Vec::new()));
-    }
-    let (key, upload, _) = outputs::hash_file(function, path)?;
+    };
     let raw = match &upload {
         Upload::Bytes(_, b) if b.len() as u64 <= inline => b.to_vec(),
         _ => Vec::new(),

@@ -128,6 +128,38 @@ pub struct LocalCasStats {
     pub capacity: u64,
 }
 
+/// How often the cache had what actions needed (monotonic since open).
+/// Each distinct blob an [`LocalCas::ensure`] call wants counts once: as a
+/// hit when it was in the cache (or being fetched by another action), as a
+/// miss when this call fetched it from the CAS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalCasCounts {
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_bytes: u64,
+    pub miss_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    hit_bytes: AtomicU64,
+    miss_bytes: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, hit: bool, blobs: u64, bytes: u64) {
+        let (n, b) = if hit {
+            (&self.hits, &self.hit_bytes)
+        } else {
+            (&self.misses, &self.miss_bytes)
+        };
+        n.fetch_add(blobs, Ordering::Relaxed);
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
 /// The cache. Share it with `Arc`.
 pub struct LocalCas {
     dir: PathBuf,
@@ -135,6 +167,7 @@ pub struct LocalCas {
     capacity: u64,
     state: Mutex<State>,
     tmp_counter: AtomicU64,
+    counters: Counters,
 }
 
 /// Blobs pinned for one action; unpinned when dropped.
@@ -263,6 +296,7 @@ impl LocalCas {
             capacity,
             state: Mutex::new(State::default()),
             tmp_counter: AtomicU64::new(0),
+            counters: Counters::default(),
         });
         let victims = {
             let mut st = cache.state.lock();
@@ -315,6 +349,18 @@ impl LocalCas {
         }
     }
 
+    /// Hits and misses so far.
+    pub fn counts(&self) -> LocalCasCounts {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
+        LocalCasCounts {
+            hits: l(&c.hits),
+            misses: l(&c.misses),
+            hit_bytes: l(&c.hit_bytes),
+            miss_bytes: l(&c.miss_bytes),
+        }
+    }
+
     /// Whether the blob is cached (pinned or not).
     pub fn contains(&self, k: &CacheKey) -> bool {
         self.state.lock().entries.contains_key(k)
@@ -358,10 +404,13 @@ impl LocalCas {
             let mut mine = Vec::new();
             let mut waits = Vec::new();
             let mut later = Vec::new();
+            let (mut hits, mut hit_bytes, mut miss_bytes) = (0u64, 0u64, 0u64);
             {
                 let mut st = self.state.lock();
                 for k in todo.drain(..) {
                     if st.pin(&k) {
+                        hits += 1;
+                        hit_bytes += k.key.size();
                         pins.keys.push(k);
                     } else if let Some(rx) = st.busy.get(&k) {
                         waits.push(rx.clone());
@@ -369,6 +418,7 @@ impl LocalCas {
                     } else {
                         let (tx, rx) = watch::channel(false);
                         st.busy.insert(k.clone(), rx);
+                        miss_bytes += k.key.size();
                         mine.push(BusyGuard {
                             cache: self.clone(),
                             key: k,
@@ -377,6 +427,8 @@ impl LocalCas {
                     }
                 }
             }
+            self.counters.add(true, hits, hit_bytes);
+            self.counters.add(false, mine.len() as u64, miss_bytes);
             if !mine.is_empty() {
                 // Fetched blobs are inserted already pinned for us, so that
                 // fetching the rest cannot evict them.

@@ -40,12 +40,14 @@ const IN_MEMORY_MAX: u64 = 64 << 10;
 pub enum Upload {
     Bytes(BlobKey, Bytes),
     File(BlobKey, PathBuf),
+    /// An open file (stdout/stderr memory files), read from offset 0.
+    Open(BlobKey, std::sync::Arc<std::fs::File>),
 }
 
 impl Upload {
     pub fn key(&self) -> &BlobKey {
         match self {
-            Upload::Bytes(k, _) | Upload::File(k, _) => k,
+            Upload::Bytes(k, _) | Upload::File(k, _) | Upload::Open(k, _) => k,
         }
     }
 }
@@ -98,6 +100,55 @@ pub fn hash_file(function: DigestFunction, path: &Path) -> WorkerResult<(BlobKey
     }
     let key = BlobKey::from_raw(function, &hasher.finish(), total)?;
     Ok((key.clone(), Upload::File(key, path.to_path_buf()), executable))
+}
+
+/// Hashes an open file from its start (stdout/stderr). `None` when it is
+/// empty. Small files are kept in memory; a large one is uploaded from
+/// the handle.
+pub fn hash_open_file(
+    function: DigestFunction,
+    mut f: std::fs::File,
+    what: &str,
+) -> WorkerResult<Option<(BlobKey, Upload)>> {
+    use std::io::{Seek, SeekFrom};
+    let size = f
+        .metadata()
+        .map_err(WorkerError::io(format!("stat of the action's {what}")))?
+        .len();
+    if size == 0 {
+        return Ok(None);
+    }
+    f.seek(SeekFrom::Start(0))
+        .map_err(WorkerError::io(format!("rewinding the action's {what}")))?;
+    if size <= IN_MEMORY_MAX {
+        let mut data = Vec::with_capacity(size as usize);
+        f.read_to_end(&mut data)
+            .map_err(WorkerError::io(format!("reading the action's {what}")))?;
+        let key = BlobKey::of(function, &data);
+        return Ok(Some((key.clone(), Upload::Bytes(key, Bytes::from(data)))));
+    }
+    let mut hasher = Hasher::new(function, size);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(WorkerError::io(format!("reading the action's {what}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    if total != size {
+        return Err(WorkerError::Internal(format!(
+            "the action's {what} changed size while being hashed"
+        )));
+    }
+    f.seek(SeekFrom::Start(0))
+        .map_err(WorkerError::io(format!("rewinding the action's {what}")))?;
+    let key = BlobKey::from_raw(function, &hasher.finish(), total)?;
+    Ok(Some((key.clone(), Upload::Open(key, std::sync::Arc::new(f)))))
 }
 
 /// What an output path turned out to be.

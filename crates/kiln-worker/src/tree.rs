@@ -79,6 +79,11 @@ pub struct InputPlan {
 }
 
 impl InputPlan {
+    /// Nothing to create: the input root is the empty directory.
+    pub fn is_empty(&self) -> bool {
+        self.directories.is_empty() && self.files.is_empty() && self.symlinks.is_empty()
+    }
+
     /// Distinct cache blobs the plan links.
     pub fn blobs(&self) -> Vec<CacheKey> {
         let mut seen = HashSet::new();

@@ -58,6 +58,18 @@ pub async fn upload_all(cas: &InstanceCas, uploads: Vec<Upload>, concurrency: us
                             .map_err(WorkerError::io(format!("reading output {}", path.display())))?;
                         blobs.push((k, Bytes::from(data)));
                     }
+                    Upload::Open(k, file) => {
+                        let data = kiln_store::task::blocking("read-stdio", move || {
+                            use std::io::{Read, Seek};
+                            let mut data = Vec::new();
+                            let mut f: &std::fs::File = &file;
+                            f.seek(std::io::SeekFrom::Start(0))?;
+                            f.read_to_end(&mut data).map(|_| data)
+                        })
+                        .await?
+                        .map_err(WorkerError::io("reading the action's output"))?;
+                        blobs.push((k, Bytes::from(data)));
+                    }
                 }
             }
             cas.batch_update(blobs).await
@@ -68,6 +80,12 @@ pub async fn upload_all(cas: &InstanceCas, uploads: Vec<Upload>, concurrency: us
             match u {
                 Upload::Bytes(k, b) => cas.write_bytes(&k, b).await,
                 Upload::File(k, path) => cas.write_file(&k, &path).await,
+                Upload::Open(k, file) => {
+                    let dup = std::io::Seek::seek(&mut &*file, std::io::SeekFrom::Start(0))
+                        .and_then(|_| file.try_clone())
+                        .map_err(WorkerError::io("reopening the action's output"))?;
+                    cas.write_open_file(&k, tokio::fs::File::from_std(dup)).await
+                }
             }
         }));
     }

@@ -14,8 +14,8 @@ use kiln_digest::DigestFunction;
 use kiln_proto::reapi::platform::Property;
 use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
-    Assign, Draining, Finished, HandBack, Heartbeat, PROTOCOL_VERSION, Phase, Progress, Register,
-    SchedulerCommand, Started, WorkerUpdate, scheduler_command, worker_update,
+    Assign, Draining, Finished, HandBack, Heartbeat, LocalCacheCounters, PROTOCOL_VERSION, Phase, Progress,
+    Register, SchedulerCommand, Started, WorkerUpdate, scheduler_command, worker_update,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
@@ -202,7 +202,14 @@ impl Worker {
         let load = load_average().await;
         let running: Vec<String> = self.leases.lock().keys().cloned().collect();
         let free = self.slots.saturating_sub(running.len() as u32);
+        let c = self.executor.local_cas().counts();
         Heartbeat {
+            local_cache: Some(LocalCacheCounters {
+                hits: c.hits,
+                misses: c.misses,
+                hit_bytes: c.hit_bytes,
+                miss_bytes: c.miss_bytes,
+            }),
             running_leases: running,
             load: load / f64::from(self.slots.max(1)),
             free_slots: if self.draining.load(Ordering::SeqCst) {

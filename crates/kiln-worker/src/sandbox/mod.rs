@@ -1,89 +1,79 @@
 //! Running an action's command, sandboxed on Linux.
 //!
-//! * The worker is multi-threaded, and `unshare(CLONE_NEWUSER)` or `setns`
-//!   into a user namespace need a single-threaded caller, so namespaces are
-//!   set up by a small helper process ([`helper`]): `kiln-sandbox run`
-//!   (stage 1) enters or creates the namespaces, mounts, and starts
-//!   `kiln-sandbox init` (stage 2) as PID 1 of a fresh PID namespace; init
-//!   runs the command and supervises every process of the action. No
-//!   `unsafe` code: nix/std/signal-hook wrappers only.
-//! * Namespaces per action: user (the action is an unprivileged user, no
-//!   capabilities after exec, `no_new_privs`), mount, PID (killing PID 1
-//!   kills the whole tree; nothing escapes), IPC and UTS (host name
-//!   "localhost").
-//! * File system: everything is remounted read-only except the action's
-//!   own directory and private tmpfs's on /tmp, /var/tmp and /dev/shm; the
-//!   worker's work and cache directories are covered by empty tmpfs's
-//!   (other actions and the cache are invisible), the action's directory
-//!   is bound back at its usual path. /proc and /sys stay the host's
-//!   (read-only to an unprivileged user; processes outside the PID
-//!   namespace cannot be signalled).
-//! * Network: creating a network namespace per action costs milliseconds
-//!   of set-up and kernel clean-up work, so the worker keeps one long-lived
-//!   holder process per slot (`kiln-sandbox hold`) owning a user namespace
-//!   and an empty network namespace with only loopback up; an action
-//!   without network joins one holder's namespaces (setns) and creates the
-//!   others. One holder per slot means concurrent actions never share a
-//!   loopback (no port clashes between parallel tests). `network = on` or
-//!   `true` in the platform skips the network namespace entirely.
+//! * Each worker slot has its own input root (`work_dir/s<N>/root`) and its
+//!   own **zygote** ([`zygote`]): a long-lived, single-threaded helper
+//!   process (`kiln-sandbox zygote`, or the `kiln` binary's helper
+//!   sub-command) that sets the slot's sandbox up once and then runs the
+//!   slot's actions one at a time. An action is taken by [`Sandbox::acquire`]
+//!   (a [`SlotLease`]), materialised into the lease's root, run with
+//!   [`SlotLease::run`], and its root is emptied when the lease is
+//!   released.
+//! * Namespaces: user and mount (and network, for actions without network)
+//!   per slot, created by the zygote; PID, IPC and UTS fresh per action
+//!   (the action's init is cloned straight into them). The action runs as
+//!   an unprivileged user with no capabilities and `no_new_privs`; killing
+//!   its PID 1 kills its whole tree.
+//! * File system: everything read-only except the slot's input root and
+//!   private tmpfs's on /tmp, /var/tmp and /dev/shm (emptied after every
+//!   action); the worker's work and cache directories are covered by empty
+//!   tmpfs's (other slots and the cache are invisible). /proc and /sys
+//!   stay the host's (read-only to an unprivileged user; processes outside
+//!   the PID namespace cannot be signalled).
+//! * Network: off unless the platform says `network = on`/`true`; each slot
+//!   has its own empty network namespace with loopback up, so parallel
+//!   actions never share a loopback. Network actions use a second zygote of
+//!   the slot, started when first needed, without a network namespace.
+//! * stdout and stderr are anonymous memory files (`memfd`) handed to the
+//!   zygote over its control socket: no file is created for them, and the
+//!   action has no path to them.
 //! * A worker running as root runs actions as `sandbox.uid/gid` (default
 //!   65534) so that they cannot touch root-owned files such as the local
 //!   cache; a non-root worker runs them as itself, without capabilities.
-//! * The action's environment reaches the command only (passed to the
-//!   helper as arguments; the helper runs with an empty environment, so
-//!   e.g. `LD_PRELOAD` from an action never affects it).
-//! * Timeout or cancel: SIGTERM to stage 1, forwarded to init, which sends
-//!   SIGTERM to every process of the namespace, then SIGKILL after
-//!   `kill_grace`; when the command exits, every remaining process of the
-//!   action is killed. If the helper does not exit shortly after, the
-//!   worker SIGKILLs it and init dies with it (parent-death signal), which
-//!   tears the PID namespace down. Closing stage 1's stdin (the worker
-//!   died) does the same.
-//! * Unsandboxed mode (`sandbox.enabled = false`, UNSAFE): `kiln-sandbox
-//!   init` alone, as the worker's user, the command in its own process
-//!   group; init is a child subreaper so orphans are reaped and killed too.
+//! * Timeout or cancel: the zygote forwards SIGTERM to the action's init,
+//!   which sends SIGTERM to every process of the action and SIGKILL after
+//!   `kill_grace`; when the command exits, every remaining process is
+//!   killed. A zygote that does not report in time is killed (its actions
+//!   die with it: parent-death signal) and replaced. The worker exiting
+//!   closes the control sockets, which kills every action.
+//! * Unsandboxed mode (`sandbox.enabled = false`, UNSAFE): the same zygotes
+//!   without namespaces; init is a child subreaper and kills the command's
+//!   process group and every orphan it inherits.
 //!
-//! Cost of a no-op action (`/bin/true`) end to end through the executor,
-//! on the 2-core development VM while other builds ran: 5-7 ms with the
-//! sandbox against 4.5-5 ms without it; the sandbox adds one exec of the
-//! helper and ~100 µs of namespace and mount system calls.
+//! Cost: see docs/worker.md and docs/benchmarks.md ("Execution").
 
 pub mod helper;
+mod init;
+mod mounts;
 mod netlink;
+pub mod protocol;
+mod zygote;
+mod zygote_process;
 
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::memfd::{MFdFlags, memfd_create};
 use parking_lot::Mutex;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
 use crate::error::{WorkerError, WorkerResult};
 use crate::materialize::Owner;
 
-pub use helper::{Report, helper_main};
+pub use helper::helper_main;
+use zygote_process::{RunError, ZygoteProcess};
 
-/// Extra time after `kill_grace` the helper gets to exit before the worker
-/// SIGKILLs it.
-const HELPER_EXIT_SLACK: Duration = Duration::from_secs(5);
-
-/// One command to run.
+/// One command to run in a slot.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
-    /// The action's directory (made visible in the sandbox).
-    pub action_dir: PathBuf,
-    /// Absolute working directory.
+    /// Absolute working directory (inside the lease's root).
     pub cwd: PathBuf,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
-    pub stdout: PathBuf,
-    pub stderr: PathBuf,
     /// Whether the action may use the network.
     pub network: bool,
     pub timeout: Duration,
@@ -97,20 +87,34 @@ pub enum Ending {
     Cancelled,
 }
 
-#[derive(Debug, Clone)]
+/// Resource usage and exit of one action, measured by its init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Report {
+    pub exit_code: i32,
+    pub signal: i32,
+    pub user_cpu_us: i64,
+    pub system_cpu_us: i64,
+    pub max_rss_kb: i64,
+}
+
+#[derive(Debug)]
 pub struct RunOutcome {
     pub ending: Ending,
     /// The command's exit code (128 + signal if killed by one).
     pub exit_code: i32,
-    pub report: Option<Report>,
+    pub report: Report,
     pub sandboxed: bool,
     pub network: bool,
+    /// What the command wrote to stdout and stderr (memory files; read
+    /// them from offset 0).
+    pub stdout: File,
+    pub stderr: File,
 }
 
-/// A namespace holder process (see the module documentation).
-struct Holder {
-    child: Child,
-    pid: u32,
+/// One slot: its input root and its zygotes (without and with network).
+struct Slot {
+    root: PathBuf,
+    zygotes: Mutex<[Option<ZygoteProcess>; 2]>,
 }
 
 /// The sandbox shared by all slots of a worker.
@@ -125,9 +129,9 @@ pub struct Sandbox {
     tmpfs: Vec<PathBuf>,
     hostname: String,
     grace: Duration,
-    holders: Vec<Mutex<Option<Holder>>>,
-    free_holders: Mutex<Vec<usize>>,
-    next_shared: std::sync::atomic::AtomicUsize,
+    slots: Vec<Slot>,
+    free: Mutex<Vec<usize>>,
+    permits: Arc<Semaphore>,
 }
 
 /// Finds the helper: `configured`, else `kiln-sandbox` next to the running
@@ -160,15 +164,28 @@ pub fn find_helper(configured: &[String]) -> WorkerResult<Vec<String>> {
     ))
 }
 
+fn unavailable(e: &str) -> WorkerError {
+    WorkerError::Sandbox(format!(
+        "cannot create sandbox namespaces ({e}). Unprivileged user namespaces may be disabled \
+         (sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, or an AppArmor \
+         restriction). To run actions WITHOUT a sandbox (UNSAFE: full access to this machine and \
+         network), set worker.sandbox.enabled = false"
+    ))
+}
+
 impl Sandbox {
-    /// Prepares the sandbox: finds the helper, starts one network
-    /// namespace holder per slot and runs a probe action. Fails with a
-    /// clear message when namespaces are unavailable (e.g. unprivileged
-    /// user namespaces disabled), naming the UNSAFE switch
+    /// Prepares the sandbox: one input root and one zygote per slot under
+    /// `work_dir` (which must exist and be empty), then a probe action.
+    /// Fails with a clear message when namespaces are unavailable (e.g.
+    /// unprivileged user namespaces disabled), naming the UNSAFE switch
     /// `sandbox.enabled = false`.
-    pub async fn start(config: &WorkerConfig, slots: u32, probe_dir: &Path) -> WorkerResult<Arc<Sandbox>> {
+    pub async fn start(config: &WorkerConfig, slots: u32, work_dir: &Path) -> WorkerResult<Arc<Sandbox>> {
         let helper = find_helper(&config.sandbox.helper)?;
         let running_as_root = nix::unistd::geteuid().is_root();
+        let n = slots.max(1) as usize;
+        let roots: Vec<PathBuf> = (0..n)
+            .map(|i| work_dir.join(format!("s{i}")).join("root"))
+            .collect();
         let sandbox = Arc::new(Sandbox {
             enabled: config.sandbox.enabled,
             helper,
@@ -179,30 +196,49 @@ impl Sandbox {
             tmpfs: config.sandbox.tmpfs.clone(),
             hostname: config.sandbox.hostname.clone(),
             grace: config.sandbox.kill_grace,
-            holders: (0..slots.max(1)).map(|_| Mutex::new(None)).collect(),
-            free_holders: Mutex::new((0..slots.max(1) as usize).rev().collect()),
-            next_shared: std::sync::atomic::AtomicUsize::new(0),
+            slots: roots
+                .into_iter()
+                .map(|root| Slot {
+                    root,
+                    zygotes: Mutex::new([None, None]),
+                })
+                .collect(),
+            free: Mutex::new((0..n).rev().collect()),
+            permits: Arc::new(Semaphore::new(n)),
         });
-        if sandbox.enabled {
-            for i in 0..sandbox.holders.len() {
-                let h = sandbox.spawn_holder().await.map_err(|e| {
-                    WorkerError::Sandbox(format!(
-                        "cannot create sandbox namespaces ({e}). Unprivileged user namespaces may be \
-                         disabled (sysctl kernel.unprivileged_userns_clone, \
-                         user.max_user_namespaces, or an AppArmor restriction). To run actions \
-                         WITHOUT a sandbox (UNSAFE: full access to this machine and network), \
-                         set worker.sandbox.enabled = false"
-                    ))
-                })?;
-                *sandbox.holders[i].lock() = Some(h);
-            }
+        {
+            let roots: Vec<PathBuf> = sandbox.slots.iter().map(|s| s.root.clone()).collect();
+            let owner = sandbox.owner();
+            kiln_store::task::blocking("sandbox-slot-dirs", move || -> WorkerResult<()> {
+                for root in &roots {
+                    std::fs::create_dir_all(root)
+                        .map_err(WorkerError::io(format!("creating {}", root.display())))?;
+                    reset_root(root, owner)?;
+                }
+                Ok(())
+            })
+            .await??;
         }
-        sandbox.probe(probe_dir).await?;
+        for i in 0..n {
+            let z = sandbox.start_zygote(i, false).await.map_err(|e| {
+                if sandbox.enabled {
+                    unavailable(&e)
+                } else {
+                    WorkerError::Sandbox(format!("starting the sandbox helper: {e}"))
+                }
+            })?;
+            sandbox.slots[i].zygotes.lock()[0] = Some(z);
+        }
+        sandbox.probe().await?;
         Ok(sandbox)
     }
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots.len()
     }
 
     /// Who should own an action's directories: the sandbox user when a
@@ -221,121 +257,81 @@ impl Sandbox {
         self.owner().is_none()
     }
 
-    fn helper_command(&self) -> Command {
-        let mut cmd = Command::new(&self.helper[0]);
-        cmd.args(&self.helper[1..]);
-        cmd
-    }
-
-    fn identity_args(&self, cmd: &mut Command) {
-        cmd.arg("--uid").arg(self.uid.to_string());
-        cmd.arg("--gid").arg(self.gid.to_string());
-    }
-
-    async fn spawn_holder(&self) -> Result<Holder, String> {
-        let mut cmd = self.helper_command();
-        cmd.arg("hold");
-        self.identity_args(&mut cmd);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("starting {:?}: {e}", self.helper[0]))?;
-        let pid = child.id().ok_or("the holder exited at once")?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut line = String::new();
-        let read = tokio::time::timeout(
-            Duration::from_secs(10),
-            BufReader::new(stdout).read_line(&mut line),
-        )
-        .await;
-        if !matches!(read, Ok(Ok(_))) || line.trim() != "ready" {
-            let _ = child.start_kill();
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), e.read_to_string(&mut err)).await;
+    /// Pids of the live zygotes (for tests and diagnostics).
+    pub fn zygote_pids(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            for z in s.zygotes.lock().iter().flatten() {
+                out.extend(z.pid());
             }
-            return Err(err.trim().to_string());
         }
-        Ok(Holder { child, pid })
+        out
     }
 
-    /// Takes a holder for one action: a free one, else (more actions than
-    /// slots) one shared round-robin. Restarts a holder that died.
-    async fn acquire_holder(&self) -> WorkerResult<(usize, u32, bool)> {
-        let (idx, exclusive) = match self.free_holders.lock().pop() {
-            Some(i) => (i, true),
-            None => (
-                self.next_shared
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    % self.holders.len(),
-                false,
-            ),
+    fn zygote_args(&self, slot: usize, network: bool) -> Vec<String> {
+        let mut a = Vec::new();
+        let mut push = |k: &str, v: String| {
+            a.push(k.to_string());
+            a.push(v);
         };
-        let alive = {
-            let mut slot = self.holders[idx].lock();
-            match slot.as_mut() {
-                Some(h) => match h.child.try_wait() {
-                    Ok(None) => Some(h.pid),
-                    _ => None,
-                },
-                None => None,
+        push("--uid", self.uid.to_string());
+        push("--gid", self.gid.to_string());
+        push("--root", self.slots[slot].root.to_string_lossy().into_owned());
+        if self.enabled {
+            for h in &self.hide {
+                push("--hide", h.to_string_lossy().into_owned());
             }
-        };
-        let pid = match alive {
-            Some(pid) => pid,
-            None => {
-                tracing::warn!(holder = idx, "network namespace holder died; restarting it");
-                let h = self.spawn_holder().await.map_err(|e| {
-                    if exclusive {
-                        self.free_holders.lock().push(idx);
-                    }
-                    WorkerError::Sandbox(format!("restarting a namespace holder: {e}"))
-                })?;
-                let pid = h.pid;
-                *self.holders[idx].lock() = Some(h);
-                pid
+            for t in &self.tmpfs {
+                push("--tmpfs", t.to_string_lossy().into_owned());
             }
-        };
-        Ok((idx, pid, exclusive))
-    }
-
-    fn release_holder(&self, idx: usize, exclusive: bool) {
-        if exclusive {
-            self.free_holders.lock().push(idx);
+            push("--hostname", self.hostname.clone());
+            if network {
+                a.push("--network".into());
+            }
+        } else {
+            a.push("--no-namespaces".into());
         }
+        a
+    }
+
+    async fn start_zygote(&self, slot: usize, network: bool) -> Result<ZygoteProcess, String> {
+        ZygoteProcess::start(&self.helper, &self.zygote_args(slot, network)).await
+    }
+
+    /// Takes a free slot, waiting for one when all are busy (the scheduler
+    /// never assigns more actions than slots, so normally none waits).
+    pub async fn acquire(self: &Arc<Self>) -> WorkerResult<SlotLease> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| WorkerError::Internal("the sandbox is shut down".into()))?;
+        let index = self
+            .free
+            .lock()
+            .pop()
+            .ok_or_else(|| WorkerError::Internal("no free sandbox slot despite a permit".into()))?;
+        Ok(SlotLease {
+            sandbox: self.clone(),
+            index,
+            permit: Some(permit),
+        })
     }
 
     /// Runs a trivial command through the whole path, so that a sandbox
     /// that cannot work fails at start rather than on the first action.
-    async fn probe(&self, dir: &Path) -> WorkerResult<()> {
-        let action_dir = dir.join("probe");
-        let _ = tokio::fs::remove_dir_all(&action_dir).await;
-        tokio::fs::create_dir_all(&action_dir)
-            .await
-            .map_err(WorkerError::io("creating the sandbox probe directory"))?;
-        if let Some(o) = self.owner() {
-            let d = action_dir.clone();
-            kiln_store::task::blocking("sandbox-probe-chown", move || {
-                std::os::unix::fs::lchown(&d, Some(o.uid), Some(o.gid))
-            })
-            .await?
-            .map_err(WorkerError::io("handing the probe directory to the sandbox user"))?;
-        }
+    async fn probe(self: &Arc<Self>) -> WorkerResult<()> {
+        let lease = self.acquire().await?;
         let spec = RunSpec {
-            action_dir: action_dir.clone(),
-            cwd: action_dir.clone(),
+            cwd: lease.root().to_path_buf(),
             argv: vec!["/bin/sh".into(), "-c".into(), "exit 7".into()],
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            stdout: action_dir.join("stdout"),
-            stderr: action_dir.join("stderr"),
             network: false,
             timeout: Duration::from_secs(30),
         };
-        let out = self.run(&spec, &CancellationToken::new()).await;
-        let _ = tokio::fs::remove_dir_all(&action_dir).await;
+        let out = lease.run(&spec, &CancellationToken::new()).await;
+        lease.release().await?;
         match out {
             Ok(o) if o.exit_code == 7 => Ok(()),
             Ok(o) => Err(WorkerError::Sandbox(format!(
@@ -348,138 +344,167 @@ impl Sandbox {
             ))),
         }
     }
+}
+
+/// Exclusive use of one slot: its input root (empty when the lease is
+/// taken) and its zygotes. Release it with [`SlotLease::release`]; a lease
+/// dropped without that is cleaned up by a background task.
+pub struct SlotLease {
+    sandbox: Arc<Sandbox>,
+    index: usize,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl SlotLease {
+    /// The directory to materialise the action's input root into.
+    pub fn root(&self) -> &Path {
+        &self.sandbox.slots[self.index].root
+    }
 
     /// Runs one command to completion, timeout or cancellation.
     pub async fn run(&self, spec: &RunSpec, cancel: &CancellationToken) -> WorkerResult<RunOutcome> {
-        let holder = if self.enabled && !spec.network {
-            Some(self.acquire_holder().await?)
-        } else {
-            None
-        };
-        let r = self.run_with(spec, cancel, holder.map(|h| h.1)).await;
-        if let Some((idx, _, exclusive)) = holder {
-            self.release_holder(idx, exclusive);
-        }
-        r
-    }
-
-    async fn run_with(
-        &self,
-        spec: &RunSpec,
-        cancel: &CancellationToken,
-        join: Option<u32>,
-    ) -> WorkerResult<RunOutcome> {
         if spec.argv.is_empty() {
             return Err(WorkerError::invalid("the command has no arguments"));
         }
-        let mut cmd = self.helper_command();
-        if self.enabled {
-            cmd.arg("run");
-            self.identity_args(&mut cmd);
-            if let Some(pid) = join {
-                cmd.arg("--join").arg(pid.to_string());
+        let sandbox = &self.sandbox;
+        // Unsandboxed, every action has the network: one zygote serves all.
+        let kind = usize::from(spec.network && sandbox.enabled);
+        let slot = &sandbox.slots[self.index];
+        let existing = slot.zygotes.lock()[kind].take();
+        let mut zygote = match existing.map(|mut z| (z.usable(), z)) {
+            Some((true, z)) => z,
+            other => {
+                if other.is_some() {
+                    tracing::warn!(slot = self.index, "a sandbox zygote died; starting a new one");
+                }
+                drop(other);
+                sandbox
+                    .start_zygote(self.index, kind == 1)
+                    .await
+                    .map_err(|e| WorkerError::Sandbox(format!("starting the sandbox: {e}")))?
             }
-            cmd.arg("--dir").arg(&spec.action_dir);
-            for h in &self.hide {
-                cmd.arg("--hide").arg(h);
+        };
+        let stdout = memory_file("kiln-stdout")?;
+        let stderr = memory_file("kiln-stderr")?;
+        let req = protocol::RunRequest {
+            argv: spec.argv.clone(),
+            env_names: spec.env.iter().map(|(k, _)| k.clone()).collect(),
+            env_values: spec.env.iter().map(|(_, v)| v.clone()).collect(),
+            cwd: spec.cwd.to_string_lossy().into_owned(),
+            grace_ms: sandbox.grace.as_millis() as u64,
+        };
+        let r = zygote
+            .run(&req, &stdout, &stderr, spec.timeout, cancel, sandbox.grace)
+            .await;
+        match r {
+            Ok((ending, f)) => {
+                slot.zygotes.lock()[kind] = Some(zygote);
+                Ok(RunOutcome {
+                    ending,
+                    exit_code: f.exit_code,
+                    report: Report {
+                        exit_code: f.exit_code,
+                        signal: f.signal,
+                        user_cpu_us: f.user_cpu_us,
+                        system_cpu_us: f.system_cpu_us,
+                        max_rss_kb: f.max_rss_kb,
+                    },
+                    sandboxed: sandbox.enabled,
+                    network: spec.network || !sandbox.enabled,
+                    stdout: File::from(stdout),
+                    stderr: File::from(stderr),
+                })
             }
-            for t in &self.tmpfs {
-                cmd.arg("--tmpfs").arg(t);
+            Err(RunError::Action(msg)) => {
+                slot.zygotes.lock()[kind] = Some(zygote);
+                Err(WorkerError::Sandbox(format!(
+                    "the sandbox could not run the command: {msg}"
+                )))
             }
-            cmd.arg("--hostname").arg(&self.hostname);
-            for extra in &self.helper[1..] {
-                cmd.arg("--reexec").arg(extra);
+            Err(RunError::Zygote(msg)) => {
+                // Dropping it kills it; its action dies with it.
+                drop(zygote);
+                tracing::warn!(slot = self.index, error = %msg, "sandbox zygote failed; it will be replaced");
+                Err(WorkerError::Sandbox(msg))
             }
-        } else {
-            cmd.arg("init");
         }
-        cmd.arg("--cwd").arg(&spec.cwd);
-        cmd.arg("--stdout").arg(&spec.stdout);
-        cmd.arg("--stderr").arg(&spec.stderr);
-        cmd.arg("--grace-ms").arg(self.grace.as_millis().to_string());
-        // The action's environment travels as arguments: the helper itself
-        // runs with an empty environment (no LD_PRELOAD from an action).
-        for (k, v) in &spec.env {
-            cmd.arg("--env").arg(format!("{k}={v}"));
-        }
-        cmd.arg("--").args(&spec.argv);
-        cmd.env_clear();
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| WorkerError::Sandbox(format!("starting the helper {:?}: {e}", self.helper[0])))?;
-        // Keep stdin open: closing it tells the helper to kill everything.
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let read_out = async move {
-            let mut s = String::new();
-            if let Some(mut o) = stdout {
-                let _ = o.read_to_string(&mut s).await;
-            }
-            s
-        };
-        let read_err = async move {
-            let mut s = Vec::new();
-            if let Some(e) = stderr {
-                let _ = e.take(64 << 10).read_to_end(&mut s).await;
-            }
-            String::from_utf8_lossy(&s).into_owned()
-        };
-        let wait = self.supervise(&mut child, spec.timeout, cancel);
-        let (ending, out, err) = tokio::join!(wait, read_out, read_err);
-        drop(stdin);
-        let (ending, status) = ending?;
-        let report = helper::parse_report(&out);
-        let Some(report) = report else {
-            return Err(WorkerError::Sandbox(format!(
-                "the helper exited ({status}) without running the command: {}",
-                err.trim()
-            )));
-        };
-        Ok(RunOutcome {
-            ending,
-            exit_code: report.exit_code,
-            report: Some(report),
-            sandboxed: self.enabled,
-            network: spec.network || !self.enabled,
-        })
     }
 
-    /// Waits for the helper; on timeout or cancel asks it to terminate the
-    /// action (SIGTERM, then SIGKILL after the grace period inside), and
-    /// kills it if it does not exit in time.
-    async fn supervise(
-        &self,
-        child: &mut Child,
-        timeout: Duration,
-        cancel: &CancellationToken,
-    ) -> WorkerResult<(Ending, std::process::ExitStatus)> {
-        let ending = tokio::select! {
-            status = child.wait() => {
-                let status = status.map_err(WorkerError::io("waiting for the sandbox helper"))?;
-                return Ok((Ending::Exited, status));
-            }
-            _ = tokio::time::sleep(timeout) => Ending::TimedOut,
-            _ = cancel.cancelled() => Ending::Cancelled,
-        };
-        if let Some(pid) = child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        }
-        let status = match tokio::time::timeout(self.grace + HELPER_EXIT_SLACK, child.wait()).await {
-            Ok(s) => s.map_err(WorkerError::io("waiting for the sandbox helper"))?,
-            Err(_) => {
-                tracing::warn!("sandbox helper ignored SIGTERM; killing it");
-                let _ = child.start_kill();
-                child
-                    .wait()
-                    .await
-                    .map_err(WorkerError::io("waiting for the sandbox helper"))?
-            }
-        };
-        Ok((ending, status))
+    /// Empties the input root and gives the slot back.
+    pub async fn release(mut self) -> WorkerResult<()> {
+        let root = self.root().to_path_buf();
+        let owner = self.sandbox.owner();
+        let r = kiln_store::task::blocking("sandbox-slot-reset", move || reset_root(&root, owner)).await;
+        self.give_back();
+        r?
     }
+
+    fn give_back(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.sandbox.free.lock().push(self.index);
+            drop(permit);
+        }
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        // Not released (an error or a cancelled task): empty the root in
+        // the background before anyone else gets the slot.
+        let sandbox = self.sandbox.clone();
+        let index = self.index;
+        let root = self.root().to_path_buf();
+        let owner = sandbox.owner();
+        let finish = move || {
+            if let Err(e) = reset_root(&root, owner) {
+                tracing::error!(slot = index, error = %e, "emptying a sandbox slot failed; the slot stays out of use");
+                return;
+            }
+            sandbox.free.lock().push(index);
+            drop(permit);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => {
+                kiln_store::task::spawn("sandbox-slot-reset", async move {
+                    if let Err(e) = kiln_store::task::blocking("sandbox-slot-reset", finish).await {
+                        tracing::error!(error = %e, "sandbox slot reset task failed");
+                    }
+                });
+            }
+            Err(_) => finish(),
+        }
+    }
+}
+
+/// An anonymous memory file (close-on-exec).
+fn memory_file(name: &str) -> WorkerResult<OwnedFd> {
+    memfd_create(name, MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| WorkerError::Sandbox(format!("memfd_create for the action's {name}: {e}")))
+}
+
+/// Empties a slot's input root (without following symlinks) and restores
+/// its mode and owner, whatever the last action did to it.
+fn reset_root(root: &Path, owner: Option<Owner>) -> WorkerResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).map_err(WorkerError::io(
+        format!("resetting the mode of {}", root.display()),
+    ))?;
+    let entries = std::fs::read_dir(root).map_err(WorkerError::io(format!("listing {}", root.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(WorkerError::io(format!("listing {}", root.display())))?;
+        let path = entry.path();
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            crate::materialize::remove_tree(&path)?;
+        } else {
+            std::fs::remove_file(&path).map_err(WorkerError::io(format!("removing {}", path.display())))?;
+        }
+    }
+    if let Some(o) = owner {
+        std::os::unix::fs::lchown(root, Some(o.uid), Some(o.gid))
+            .map_err(WorkerError::io("handing the input root to the sandbox user"))?;
+    }
+    Ok(())
 }

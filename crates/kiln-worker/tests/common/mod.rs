@@ -299,6 +299,29 @@ pub fn processes_with(token: &str) -> Vec<u32> {
 }
 
 /// Every file below `dir` (relative paths).
+/// Whether every slot's input root under the work directory is empty
+/// (the work directory holds only `s<N>/root` directories between actions).
+pub fn slots_are_clean(work: &Path) -> bool {
+    list_files(work).iter().all(|p| {
+        let parts: Vec<_> = p
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        match parts.as_slice() {
+            [s] => s.starts_with('s'),
+            [s, r] => s.starts_with('s') && r == "root",
+            _ => false,
+        }
+    })
+}
+
+/// The parent pid of `pid` as seen from here (field 4 of /proc/PID/stat).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn list_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
