@@ -21,6 +21,10 @@ pub async fn read_prefix(
     key: &BlobKey,
     limit: u64,
 ) -> DashboardResult<Option<(Bytes, bool)>> {
+    if key.is_empty_blob() {
+        // The empty blob is always present (REAPI), stored or not.
+        return Ok(Some((Bytes::new(), false)));
+    }
     let context = || format!("reading {key} from the CAS of instance {:?}", instance.name);
     let Some(read) = instance
         .cas

@@ -69,6 +69,9 @@ pub async fn download(
     Query(q): Query<DownloadQuery>,
 ) -> DashboardResult<Response> {
     let (instance, key) = resolve(&state, &path)?;
+    if key.is_empty_blob() {
+        return Ok(attachment(Body::empty(), &key, q));
+    }
     let read = instance
         .cas
         .read(&key, 0)
@@ -80,10 +83,17 @@ pub async fn download(
                 instance.name
             ))
         })?;
-    let stream = codec::identity_stream(read, 0);
-    let name = file_name(q.name.as_deref(), &key);
+    Ok(attachment(
+        Body::from_stream(codec::identity_stream(read, 0)),
+        &key,
+        q,
+    ))
+}
+
+fn attachment(body: Body, key: &BlobKey, q: DownloadQuery) -> Response {
+    let name = file_name(q.name.as_deref(), key);
     let inline = q.inline == Some(1);
-    let mut resp = Body::from_stream(stream).into_response();
+    let mut resp = body.into_response();
     let h = resp.headers_mut();
     let (content_type, disposition) = if inline {
         (
@@ -105,7 +115,7 @@ pub async fn download(
     if let Ok(v) = HeaderValue::from_str(&disposition) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    Ok(resp)
+    resp
 }
 
 /// What a blob looks like.
