@@ -50,7 +50,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::cas::STORE_CONCURRENCY;
-use crate::{CacheError, CacheResult, Instance, Instances};
+use crate::{CacheCounters, CacheError, CacheResult, Instance, Instances};
 
 /// Largest decoded ActionResult accepted from a zstd-encoded AC payload.
 const MAX_AC_PAYLOAD: u64 = 64 << 20;
@@ -680,14 +680,22 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        Ok(Response::new(self.get(request.into_inner()).await?))
+        let result = self.get(request.into_inner()).await;
+        match &result {
+            Ok(_) => self.instances.counters().ac_lookup(true),
+            Err(CacheError::NotFound(_)) => self.instances.counters().ac_lookup(false),
+            Err(_) => {}
+        }
+        Ok(Response::new(result?))
     }
 
     async fn update_action_result(
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        Ok(Response::new(self.update(request.into_inner()).await?))
+        let result = self.update(request.into_inner()).await?;
+        CacheCounters::add(&self.instances.counters().ac_updates, 1);
+        Ok(Response::new(result))
     }
 }
 

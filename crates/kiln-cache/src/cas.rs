@@ -210,7 +210,9 @@ impl CasService {
                 queried.push(i);
             }
         }
+        let asked = req.blob_digests.len() as u64;
         if keys.is_empty() {
+            instance.counters().cas_lookups(asked, 0);
             return Ok(FindMissingBlobsResponse::default());
         }
         let present = instance
@@ -219,12 +221,14 @@ impl CasService {
             .await
             .map_err(CacheError::store("checking blob existence"))?;
         let mut blob_digests = req.blob_digests;
-        let missing = queried
+        let missing: Vec<Digest> = queried
             .into_iter()
             .zip(present)
             .filter(|(_, here)| !here)
             .map(|(i, _)| std::mem::take(&mut blob_digests[i]))
             .collect();
+        let n_missing = missing.len() as u64;
+        instance.counters().cas_lookups(asked - n_missing, n_missing);
         Ok(FindMissingBlobsResponse {
             missing_blob_digests: missing,
         })
@@ -338,20 +342,27 @@ impl CasService {
             .map(|(key, blob)| {
                 let cas = cas.clone();
                 async move {
+                    let len = blob.data.len() as u64;
                     let r = cas.put(&key, blob).await;
-                    (key, r)
+                    (key, r, len)
                 }
             })
             .buffer_unordered(STORE_CONCURRENCY);
-        while let Some((key, r)) = results.next().await {
+        let (mut stored_blobs, mut stored_bytes) = (0u64, 0u64);
+        while let Some((key, r, len)) = results.next().await {
             let status = match r {
-                Ok(()) => ok_status(),
+                Ok(()) => {
+                    stored_blobs += 1;
+                    stored_bytes += len;
+                    ok_status()
+                }
                 Err(e) => CacheError::store(format!("storing {key}"))(e).to_rpc_status(),
             };
             for i in waiting.remove(&key).unwrap_or_default() {
                 statuses[i] = Some(status.clone());
             }
         }
+        instance.counters().cas_written(stored_blobs, stored_bytes);
 
         let responses = digests
             .into_iter()
@@ -380,6 +391,7 @@ impl CasService {
         let n = req.digests.len();
         let mut responses: Vec<batch_read_blobs_response::Response> = Vec::with_capacity(n);
         let mut fetches: Vec<(usize, BlobKey)> = Vec::new();
+        let mut empty_blobs = 0u64;
         for (i, digest) in req.digests.into_iter().enumerate() {
             let mut resp = batch_read_blobs_response::Response::default();
             match parse_key(function, &digest) {
@@ -387,7 +399,10 @@ impl CasService {
                     check_utf8(&digest)?;
                     resp.status = Some(CacheError::from(e).to_rpc_status())
                 }
-                Ok(key) if key.is_empty_blob() => resp.status = Some(ok_status()),
+                Ok(key) if key.is_empty_blob() => {
+                    empty_blobs += 1;
+                    resp.status = Some(ok_status())
+                }
                 Ok(key) => fetches.push((i, key)),
             }
             resp.digest = Some(digest);
@@ -405,6 +420,7 @@ impl CasService {
             })
             .buffer_unordered(STORE_CONCURRENCY);
         let mut convert: Vec<(u64, (usize, ReadItem))> = Vec::new();
+        let mut not_found = 0u64;
         while let Some((i, key, r)) = fetched.next().await {
             match r {
                 Ok(Some(blob)) => {
@@ -413,6 +429,7 @@ impl CasService {
                     convert.push((weight, (i, ReadItem { key, blob, want_zstd })));
                 }
                 Ok(None) => {
+                    not_found += 1;
                     responses[i].status =
                         Some(CacheError::NotFound(format!("blob {key} not found")).to_rpc_status())
                 }
@@ -423,10 +440,13 @@ impl CasService {
         }
         drop(fetched);
         let converted = cpu_map(convert, |(i, item): (usize, ReadItem)| (i, convert_read(item))).await?;
+        let (mut served_blobs, mut served_bytes) = (empty_blobs, 0u64);
         for (i, r) in converted {
             let resp = &mut responses[i];
             match r {
                 Ok((compressor, data)) => {
+                    served_blobs += 1;
+                    served_bytes += data.len() as u64;
                     resp.compressor = compressor as i32;
                     resp.data = data;
                     resp.status = Some(ok_status());
@@ -434,6 +454,9 @@ impl CasService {
                 Err(e) => resp.status = Some(e.to_rpc_status()),
             }
         }
+        let counters = instance.counters();
+        counters.cas_lookups(served_blobs, not_found);
+        counters.cas_read(served_blobs, served_bytes);
         Ok(BatchReadBlobsResponse { responses })
     }
 }

@@ -16,18 +16,23 @@ pub struct CacheCounters {
     /// UpdateActionResult calls that stored a result.
     pub ac_updates: AtomicU64,
     /// Blobs a client asked about or for that were present
-    /// (FindMissingBlobs present digests, blobs served by reads).
+    /// (FindMissingBlobs digests not missing, blobs served by BatchReadBlobs
+    /// and ByteStream Read).
     pub cas_hits: AtomicU64,
     /// Blobs a client asked about or for that were absent
     /// (FindMissingBlobs missing digests, NOT_FOUND reads).
     pub cas_misses: AtomicU64,
-    /// Payload bytes served by BatchReadBlobs and ByteStream Read.
+    /// Payload bytes sent by BatchReadBlobs and ByteStream Read, as sent
+    /// (compressed bytes for `compressed-blobs` reads).
     pub cas_bytes_read: AtomicU64,
-    /// Payload bytes stored by BatchUpdateBlobs and ByteStream Write.
+    /// Payload bytes of blobs newly stored by BatchUpdateBlobs and
+    /// ByteStream Write, as received (compressed bytes for compressed
+    /// uploads). Uploads of blobs already present store nothing.
     pub cas_bytes_written: AtomicU64,
-    /// Blobs served by BatchReadBlobs and ByteStream Read.
+    /// Blobs served by BatchReadBlobs and ByteStream Read (one per Read
+    /// call that found its blob).
     pub cas_blobs_read: AtomicU64,
-    /// Blobs stored by BatchUpdateBlobs and ByteStream Write.
+    /// Blobs newly stored by BatchUpdateBlobs and ByteStream Write.
     pub cas_blobs_written: AtomicU64,
 }
 
@@ -50,6 +55,38 @@ impl CacheCounters {
     #[inline]
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One Action Cache lookup (GetActionResult or Execute's): a complete
+    /// entry was found (`hit`) or not.
+    #[inline]
+    pub fn ac_lookup(&self, hit: bool) {
+        Self::add(if hit { &self.ac_hits } else { &self.ac_misses }, 1);
+    }
+
+    /// Digests asked about: `found` present, `missing` absent.
+    #[inline]
+    pub fn cas_lookups(&self, found: u64, missing: u64) {
+        if found > 0 {
+            Self::add(&self.cas_hits, found);
+        }
+        if missing > 0 {
+            Self::add(&self.cas_misses, missing);
+        }
+    }
+
+    /// `blobs` blobs of `bytes` payload bytes served to clients.
+    #[inline]
+    pub fn cas_read(&self, blobs: u64, bytes: u64) {
+        Self::add(&self.cas_blobs_read, blobs);
+        Self::add(&self.cas_bytes_read, bytes);
+    }
+
+    /// `blobs` blobs of `bytes` payload bytes stored from clients.
+    #[inline]
+    pub fn cas_written(&self, blobs: u64, bytes: u64) {
+        Self::add(&self.cas_blobs_written, blobs);
+        Self::add(&self.cas_bytes_written, bytes);
     }
 
     pub fn snapshot(&self) -> CacheCountersSnapshot {

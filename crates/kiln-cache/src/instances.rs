@@ -42,6 +42,9 @@ pub struct Instance {
     pub ac_completeness_check: bool,
     /// Digest functions accepted on this instance (SHA-256 first).
     pub digest_functions: Vec<DigestFunction>,
+    /// The activity counters of the [`Instances`] holding this instance
+    /// (its own until [`Instances::new`] shares one set among all).
+    counters: Arc<crate::CacheCounters>,
 }
 
 impl Instance {
@@ -55,7 +58,14 @@ impl Instance {
             ac_read_only: false,
             ac_completeness_check: true,
             digest_functions: DigestFunction::ALL.to_vec(),
+            counters: Arc::default(),
         }
+    }
+
+    /// The cache activity counters this instance's requests count into
+    /// (shared by every instance of one [`Instances`]).
+    pub fn counters(&self) -> &crate::CacheCounters {
+        &self.counters
     }
 
     /// Resolves a request's digest function (explicit value or legacy
@@ -91,14 +101,18 @@ pub struct Instances {
 
 impl Instances {
     pub fn new(instances: impl IntoIterator<Item = Instance>, limits: CacheLimits) -> Self {
+        let counters: Arc<crate::CacheCounters> = Arc::default();
         Instances {
             by_name: instances
                 .into_iter()
-                .map(|i| (i.name.clone(), Arc::new(i)))
+                .map(|mut i| {
+                    i.counters = counters.clone();
+                    (i.name.clone(), Arc::new(i))
+                })
                 .collect(),
             limits,
             execution: OnceLock::new(),
-            counters: Arc::default(),
+            counters,
         }
     }
 

@@ -117,6 +117,25 @@ pub struct Heartbeat {
     /// Slots the worker has free right now.
     #[prost(uint32, tag = "3")]
     pub free_slots: u32,
+    /// The worker's local CAS cache activity since it started (absent from
+    /// workers that predate it).
+    #[prost(message, optional, tag = "4")]
+    pub local_cache: Option<LocalCacheCounters>,
+}
+
+/// Cumulative counters of a worker's local CAS cache (monotonic from the
+/// worker's start): the input blobs its actions needed, found in the
+/// local cache (hits) or fetched from the CAS (misses).
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct LocalCacheCounters {
+    #[prost(uint64, tag = "1")]
+    pub hits: u64,
+    #[prost(uint64, tag = "2")]
+    pub misses: u64,
+    #[prost(uint64, tag = "3")]
+    pub hit_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub miss_bytes: u64,
 }
 
 /// The worker accepted a lease and started working on it (fetching inputs).

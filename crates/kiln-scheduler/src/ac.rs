@@ -16,8 +16,15 @@ const INLINE_BUDGET: u64 = 4 << 20;
 
 /// The cached result of `key` if there is one whose referenced blobs
 /// (output files, stdout, stderr, output directory trees) are all in the
-/// CAS. An undecodable entry is logged and treated as a miss.
+/// CAS. An undecodable entry is logged and treated as a miss. Counted as an
+/// Action Cache hit or miss in the instance's counters.
 pub async fn lookup(instance: &Instance, key: &BlobKey) -> SchedulerResult<Option<ActionResult>> {
+    let found = find(instance, key).await?;
+    instance.counters().ac_lookup(found.is_some());
+    Ok(found)
+}
+
+async fn find(instance: &Instance, key: &BlobKey) -> SchedulerResult<Option<ActionResult>> {
     let Some(data) = codec::get_identity(instance.ac.as_ref(), key)
         .await
         .map_err(SchedulerError::store(format!(

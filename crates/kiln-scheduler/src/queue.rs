@@ -222,6 +222,18 @@ impl ReadyQueue {
         }
     }
 
+    /// Queued entries per requirement class (display form), sorted.
+    pub fn class_lens(&self) -> Vec<(String, usize)> {
+        let mut lens: Vec<(String, usize)> = self
+            .classes
+            .iter()
+            .filter(|(_, q)| q.len > 0)
+            .map(|(c, q)| (c.to_string(), q.len))
+            .collect();
+        lens.sort();
+        lens
+    }
+
     /// The requirement classes that have queued entries.
     pub fn classes(&self) -> Vec<Arc<Requirements>> {
         self.classes.keys().cloned().collect()

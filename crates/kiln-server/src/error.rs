@@ -21,4 +21,6 @@ pub enum ServerError {
     },
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("{context}: {detail}")]
+    Telemetry { context: String, detail: String },
 }

@@ -33,7 +33,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let stores = Arc::new(stores);
-    let metrics = Arc::new(MetricsRegistry::new(server_metrics, stores.clone()));
+    let metrics = Arc::new(MetricsRegistry::new(server_metrics, &instances, stores.clone()));
     let state = HttpState {
         instances,
         stores,
@@ -92,6 +92,13 @@ async fn stats(State(state): State<HttpState>) -> impl IntoResponse {
 
 /// Prometheus metrics in the OpenMetrics text format.
 async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
+    if !state.metrics.enabled() {
+        return (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "metrics are disabled ([server] metrics = false)\n".to_string(),
+        );
+    }
     match state.metrics.encode().await {
         Ok(text) => (
             StatusCode::OK,

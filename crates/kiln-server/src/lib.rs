@@ -10,6 +10,7 @@ mod http;
 pub mod metrics;
 mod server;
 mod stores;
+pub mod telemetry;
 
 pub use error::ServerError;
 pub use server::{Overrides, RunningServer, start};

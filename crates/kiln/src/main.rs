@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_server::config;
+use kiln_server::telemetry::{self, Telemetry, TelemetryOptions};
 use kiln_server::{Overrides, start};
 
 #[derive(Parser)]
@@ -33,10 +34,14 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct LogArgs {
-    /// Log filter (tracing EnvFilter syntax); default from KILN_LOG or "info".
+    /// Log filter in tracing EnvFilter syntax, e.g. "debug" or
+    /// "warn,kiln::grpc=info". Default: the KILN_LOG environment variable,
+    /// else RUST_LOG, else "info".
     #[arg(long, global = true)]
     log_level: Option<String>,
-    /// Log format.
+    /// Log format: human-readable lines or one JSON object per line (both
+    /// carry the fields of the enclosing spans, e.g. a gRPC call's method
+    /// and RequestMetadata).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
 }
@@ -108,23 +113,22 @@ struct ServeArgs {
     data_dir: Option<PathBuf>,
 }
 
-fn init_logging(args: &LogArgs) {
-    let filter = args
-        .log_level
-        .clone()
-        .or_else(|| std::env::var("KILN_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// Installs logging (and OTLP export when an endpoint is configured: the
+/// config's `otlp_endpoint` or the OTEL_EXPORTER_OTLP_* variables). The
+/// guard flushes exported spans when dropped.
+fn init_logging(args: &LogArgs, otlp_endpoint: Option<String>) -> Result<Telemetry, ExitCode> {
+    let options = TelemetryOptions {
+        filter: args.log_level.clone(),
+        format: match args.log_format {
+            LogFormat::Human => telemetry::LogFormat::Human,
+            LogFormat::Json => telemetry::LogFormat::Json,
+        },
+        otlp_endpoint,
+    };
+    telemetry::init(&options).map_err(|e| {
+        eprintln!("kiln: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn main() -> ExitCode {
@@ -164,9 +168,18 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(kiln_worker::helper_main(args)).unwrap_or(1))
         }
         Command::Serve(args) => {
-            init_logging(&cli.log);
+            let cfg = match load_config(&args) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let _telemetry = match init_logging(&cli.log, cfg.server.otlp_endpoint.clone()) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
             match runtime() {
-                Some(rt) => rt.block_on(serve(args)),
+                // The runtime is dropped before the telemetry guard, which
+                // then flushes the spans of the whole run.
+                Some(rt) => rt.block_on(serve(cfg, args)),
                 None => ExitCode::FAILURE,
             }
         }
@@ -175,7 +188,10 @@ fn main() -> ExitCode {
             None => ExitCode::FAILURE,
         },
         Command::Worker(args) => {
-            init_logging(&cli.log);
+            let _telemetry = match init_logging(&cli.log, None) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
             match runtime() {
                 Some(rt) => rt.block_on(worker(args)),
                 None => ExitCode::FAILURE,
@@ -276,18 +292,19 @@ async fn worker(args: WorkerArgs) -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
+/// The config to serve: `--config FILE` or the embedded default.
+fn load_config(args: &ServeArgs) -> Result<config::Config, ExitCode> {
     let loaded = match &args.config {
         Some(path) => config::load_file(path),
         None => config::parse(config::default_config_text(), "embedded default config"),
     };
-    let cfg = match loaded {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("kiln: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    loaded.map_err(|e| {
+        eprintln!("kiln: {e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn serve(cfg: config::Config, args: ServeArgs) -> ExitCode {
     let overrides = Overrides {
         listen: args.listen,
         http_listen: args.http_listen,

@@ -3,6 +3,8 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use kiln_digest::BlobKey;
@@ -12,7 +14,7 @@ use kiln_store::{ChunkStream, codec};
 use tonic::Status;
 
 use super::resource::{self, Compressor};
-use crate::{CacheError, CacheResult, Instances};
+use crate::{CacheCounters, CacheError, CacheResult, Instances};
 
 /// Largest `data` of one ReadResponse. Large messages keep per-message
 /// overhead low; 2 MiB stays well under the 4 MiB inbound limit that gRPC
@@ -20,8 +22,23 @@ use crate::{CacheError, CacheResult, Instances};
 pub const READ_CHUNK_SIZE: usize = 2 << 20;
 
 /// Validates the request and opens the blob. Errors before the first
-/// message (bad name, bad offsets, missing blob) are returned here.
+/// message (bad name, bad offsets, missing blob) are returned here. Counts
+/// the blob as found or missing, and the bytes as they are sent.
 pub async fn open(instances: &Instances, req: &ReadRequest) -> CacheResult<ReadBody> {
+    let counters = instances.counters();
+    let opened = open_body(instances, req).await;
+    match &opened {
+        Ok(_) => counters.cas_lookups(1, 0),
+        Err(CacheError::NotFound(_)) => counters.cas_lookups(0, 1),
+        Err(_) => {}
+    }
+    let mut body = opened?;
+    CacheCounters::add(&counters.cas_blobs_read, 1);
+    body.counters = Some(counters.clone());
+    Ok(body)
+}
+
+async fn open_body(instances: &Instances, req: &ReadRequest) -> CacheResult<ReadBody> {
     let res = resource::parse_read(&req.resource_name)?;
     let instance = instances.get(res.instance)?;
     instance.check_function(res.key.function())?;
@@ -106,6 +123,8 @@ pub struct ReadBody {
     /// store's stream ends (compressed reads).
     remaining: Option<u64>,
     key: BlobKey,
+    /// Where the bytes sent are counted.
+    counters: Option<Arc<CacheCounters>>,
 }
 
 impl ReadBody {
@@ -115,6 +134,7 @@ impl ReadBody {
             pending: Bytes::new(),
             remaining,
             key,
+            counters: None,
         }
     }
 
@@ -144,6 +164,9 @@ impl Stream for ReadBody {
                     *r -= n as u64;
                 }
                 let data = this.pending.split_to(n);
+                if let Some(c) = &this.counters {
+                    CacheCounters::add(&c.cas_bytes_read, n as u64);
+                }
                 return Poll::Ready(Some(Ok(ReadResponse { data })));
             }
             let Some(inner) = this.inner.as_mut() else {

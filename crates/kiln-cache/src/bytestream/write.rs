@@ -22,7 +22,7 @@ use tonic::{Status, Streaming};
 use super::digest::{Digester, Pipeline, too_much};
 use super::resource::{self, Compressor};
 use super::uploads::{ActiveUpload, PartialUpload, Uploads};
-use crate::{CacheError, CacheResult, Instance, Instances};
+use crate::{CacheCounters, CacheError, CacheResult, Instance, Instances};
 
 /// How often a long upload re-checks whether its blob appeared meanwhile
 /// (another client finished the same upload), to return early.
@@ -106,7 +106,10 @@ pub async fn write(
             }
         }
         if msg.finish_write {
-            return upload.finish(&key, active).await.map_err(Status::from);
+            return upload
+                .finish(&key, active, instance.counters())
+                .await
+                .map_err(Status::from);
         }
         if last_check.elapsed() >= EXISTENCE_RECHECK {
             last_check = Instant::now();
@@ -244,7 +247,12 @@ impl Upload {
     }
 
     /// Verifies the digest and commits; only then is the blob visible.
-    async fn finish(self, key: &BlobKey, active: ActiveUpload) -> CacheResult<WriteResponse> {
+    async fn finish(
+        self,
+        key: &BlobKey,
+        active: ActiveUpload,
+        counters: &CacheCounters,
+    ) -> CacheResult<WriteResponse> {
         self.digest.finish().await?.verify()?;
         self.writer
             .commit()
@@ -252,6 +260,7 @@ impl Upload {
             .map_err(CacheError::store(format!("committing {key}")))?;
         let committed_size = self.committed as i64;
         active.complete(committed_size);
+        counters.cas_written(1, self.committed);
         Ok(WriteResponse { committed_size })
     }
 

@@ -262,6 +262,7 @@ impl SchedulerState for MemoryState {
                         reserved: HashMap::new(),
                         last_seen: now,
                         load: 0.0,
+                        local_cache: None,
                     },
                 );
             }
@@ -295,6 +296,9 @@ impl SchedulerState for MemoryState {
         }
         if let Some(w) = inner.workers.get_mut(worker) {
             w.load = hb.load;
+            if hb.local_cache.is_some() {
+                w.local_cache = hb.local_cache;
+            }
             if hb.free_slots > 0 {
                 w.paused = false;
             }
@@ -612,12 +616,19 @@ impl SchedulerState for MemoryState {
 
     async fn stats(&self) -> StateStats {
         let g = self.inner.lock();
+        let connected = || g.workers.values().filter(|w| w.conn.is_some());
         StateStats {
             queued: g.queue.len(),
             executing: g.leases.len(),
             operations: g.ops.len(),
             workers: g.workers.len(),
             connected_workers: g.workers.values().filter(|w| w.conn.is_some()).count(),
+            queued_by_platform: g.queue.class_lens(),
+            slots: connected().map(|w| u64::from(w.slots)).sum(),
+            busy_slots: connected().map(|w| w.leases.len() as u64).sum(),
+            worker_local_cache: connected()
+                .filter_map(|w| Some((w.name.clone(), w.local_cache?)))
+                .collect(),
         }
     }
 }

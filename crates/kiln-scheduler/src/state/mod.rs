@@ -20,7 +20,7 @@ use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::reapi::execution_stage::Value as Stage;
 use kiln_proto::reapi::{Action, Command, Digest, ExecuteResponse, ExecutedActionMetadata, Platform};
 use kiln_proto::request_info::RequestInfo;
-use kiln_proto::worker::{Heartbeat, Progress, SchedulerCommand};
+use kiln_proto::worker::{Heartbeat, LocalCacheCounters, Progress, SchedulerCommand};
 use tokio::sync::watch;
 
 use crate::error::SchedulerResult;
@@ -148,6 +148,16 @@ pub struct StateStats {
     pub operations: usize,
     pub workers: usize,
     pub connected_workers: usize,
+    /// Queued actions per platform (the requirements' display form, e.g.
+    /// "OSFamily=linux"), sorted by platform.
+    pub queued_by_platform: Vec<(String, usize)>,
+    /// Slots of the connected workers.
+    pub slots: u64,
+    /// Leases the connected workers hold.
+    pub busy_slots: u64,
+    /// Each connected worker's last reported local cache counters, by
+    /// worker name (workers that reported none are absent).
+    pub worker_local_cache: Vec<(String, LocalCacheCounters)>,
 }
 
 #[async_trait]

@@ -412,6 +412,7 @@ impl FakeWorker {
                     running_leases: leases,
                     load: 0.0,
                     free_slots: 0,
+                    local_cache: None,
                 };
                 if tx.send(upd(worker_update::Update::Heartbeat(hb))).is_err() {
                     break;

@@ -71,6 +71,19 @@ pub struct ServerConfig {
     /// else `~/.local/share/kiln`, else `./kiln-data`.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// Collect and serve Prometheus metrics (`GET /metrics`; per-call gRPC
+    /// counts, errors and latency; scheduler histograms). With `false`
+    /// `/metrics` answers 404 and gRPC calls are not counted (they still
+    /// get their tracing span). Default: true.
+    #[serde(default = "default_true")]
+    pub metrics: bool,
+    /// OpenTelemetry OTLP/HTTP endpoint to export tracing spans to, e.g.
+    /// "http://127.0.0.1:4318" (spans are posted to `/v1/traces` under
+    /// it). Without it the standard `OTEL_EXPORTER_OTLP_ENDPOINT` /
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` environment variables are used;
+    /// with neither, nothing is exported. Default: none.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -87,6 +100,8 @@ impl Default for ServerConfig {
             listen: default_listen(),
             http_listen: default_http_listen(),
             data_dir: None,
+            metrics: true,
+            otlp_endpoint: None,
         }
     }
 }

@@ -16,18 +16,44 @@ pub struct KilnProcess {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub stdout_lines: Vec<String>,
+    /// The process's stderr lines, when started with `capture_stderr`.
+    pub stderr: Option<mpsc::Receiver<String>>,
 }
 
 impl KilnProcess {
     /// Starts `kiln ARGS...` and waits (at most 30 s) for both listeners.
     pub fn start(args: &[&str]) -> KilnProcess {
+        Self::start_with(args, &[], false)
+    }
+
+    /// Like [`Self::start`], with extra environment variables, and with
+    /// stderr captured line by line into [`Self::stderr`] when asked
+    /// (otherwise inherited).
+    pub fn start_with(args: &[&str], env: &[(&str, &str)], capture_stderr: bool) -> KilnProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(args)
             .env("KILN_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("spawn kiln");
+        let stderr = child.stderr.take().map(|err| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -62,15 +88,28 @@ impl KilnProcess {
             grpc: grpc.unwrap(),
             http: http.unwrap(),
             stdout_lines: lines,
+            stderr,
         }
     }
 
     /// Starts a server for `config` text written into `dir`, on ephemeral ports.
     pub fn with_config(dir: &Path, config: &str) -> KilnProcess {
+        Self::with_config_and(dir, config, &[], &[], false)
+    }
+
+    /// [`Self::with_config`] with extra arguments and environment
+    /// variables, optionally capturing stderr (see [`Self::start_with`]).
+    pub fn with_config_and(
+        dir: &Path,
+        config: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        capture_stderr: bool,
+    ) -> KilnProcess {
         let path = dir.join("kiln.toml");
         std::fs::write(&path, config).unwrap();
         let data = dir.join("data");
-        Self::start(&[
+        let mut args = vec![
             "serve",
             "--config",
             path.to_str().unwrap(),
@@ -80,7 +119,9 @@ impl KilnProcess {
             "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
-        ])
+        ];
+        args.extend_from_slice(extra_args);
+        Self::start_with(&args, env, capture_stderr)
     }
 
     pub async fn channel(&self) -> Channel {

@@ -77,6 +77,8 @@ pub(super) struct Worker {
     pub(super) last_seen: SystemTime,
     /// Load from its last heartbeat (informational).
     pub(super) load: f64,
+    /// Local cache counters from its last heartbeat (for metrics).
+    pub(super) local_cache: Option<kiln_proto::worker::LocalCacheCounters>,
 }
 
 impl Worker {

@@ -1,0 +1,189 @@
+//! Logging and trace export for the `kiln` process.
+//!
+//! * Logs go to stderr, human-readable by default or one JSON object per
+//!   line. Both show the fields of the spans a line is emitted in, so a log
+//!   line inside a gRPC call carries the call's method and RequestMetadata
+//!   (see [`crate::metrics::grpc_calls`]).
+//! * The filter (tracing `EnvFilter` syntax, e.g. `info` or
+//!   `warn,kiln::grpc=info`) comes from `--log-level`, else the `KILN_LOG`
+//!   environment variable, else `RUST_LOG`, else `info`.
+//! * Spans are exported with OpenTelemetry OTLP/HTTP (protobuf) when an
+//!   endpoint is configured (`[server] otlp_endpoint`, or the standard
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`).
+//!   The exporter has its own filter (every span at `info` and above),
+//!   independent of the log filter. Spans are batched by the SDK's
+//!   processor thread (`OTEL_BSP_*` variables apply) and flushed when the
+//!   [`Telemetry`] guard is dropped.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
+
+use crate::ServerError;
+
+/// Environment variables read for the log filter, in order.
+pub const LOG_ENV_VARS: [&str; 2] = ["KILN_LOG", "RUST_LOG"];
+/// The filter when neither the flag nor an environment variable sets one.
+pub const DEFAULT_LOG_FILTER: &str = "info";
+/// Standard OpenTelemetry variables that enable export without a config key.
+const OTLP_ENV_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One readable line per event, with span fields.
+    #[default]
+    Human,
+    /// One JSON object per event (`timestamp`, `level`, `fields`, `target`,
+    /// `span`, `spans`).
+    Json,
+}
+
+/// How to set up logging and export.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryOptions {
+    /// `--log-level`; `None` falls back to the environment, then `info`.
+    pub filter: Option<String>,
+    pub format: LogFormat,
+    /// `[server] otlp_endpoint`: the OTLP/HTTP base URL (`/v1/traces` is
+    /// appended).
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Keeps the trace exporter alive; dropping it flushes pending spans.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("kiln: flushing trace export failed: {e}");
+        }
+    }
+}
+
+fn telemetry_error(context: &str, detail: impl std::fmt::Display) -> ServerError {
+    ServerError::Telemetry {
+        context: context.into(),
+        detail: detail.to_string(),
+    }
+}
+
+/// The log filter text: the flag, else the first set environment variable,
+/// else [`DEFAULT_LOG_FILTER`].
+fn filter_text(flag: Option<&str>) -> String {
+    if let Some(f) = flag {
+        return f.to_string();
+    }
+    LOG_ENV_VARS
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string())
+}
+
+/// Whether the environment asks for OTLP export.
+fn otlp_from_env() -> bool {
+    OTLP_ENV_VARS
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
+}
+
+fn build_provider(endpoint: Option<&str>) -> Result<SdkTracerProvider, ServerError> {
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(base) = endpoint {
+        builder = builder.with_endpoint(format!("{}/v1/traces", base.trim_end_matches('/')));
+    }
+    let exporter = builder
+        .build()
+        .map_err(|e| telemetry_error("building the OTLP span exporter", e))?;
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name("kiln");
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// Installs the global subscriber. Call once, before the async runtime
+/// starts. Fails on a malformed filter or an unusable OTLP endpoint.
+pub fn init(options: &TelemetryOptions) -> Result<Telemetry, ServerError> {
+    let text = filter_text(options.filter.as_deref());
+    let filter =
+        EnvFilter::try_new(&text).map_err(|e| telemetry_error(&format!("log filter {text:?}"), e))?;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = match options.format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let endpoint = options
+        .otlp_endpoint
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty());
+    if endpoint.is_none() && !otlp_from_env() {
+        // Disabled spans and events cost one cached callsite check.
+        Registry::default()
+            .with(fmt.with_filter(filter))
+            .try_init()
+            .map_err(|e| telemetry_error("installing the log subscriber", e))?;
+        return Ok(Telemetry { provider: None });
+    }
+    let provider = build_provider(endpoint)?;
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("kiln"))
+        .with_filter(LevelFilter::INFO);
+    Registry::default()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .map_err(|e| telemetry_error("installing the log subscriber", e))?;
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_wins_over_the_environment() {
+        assert_eq!(filter_text(Some("debug")), "debug");
+    }
+
+    #[test]
+    fn a_malformed_filter_is_an_error() {
+        let options = TelemetryOptions {
+            filter: Some("kiln=notalevel".into()),
+            ..Default::default()
+        };
+        let e = init(&options).err().expect("a malformed filter is refused");
+        assert!(e.to_string().contains("kiln=notalevel"), "{e}");
+    }
+}

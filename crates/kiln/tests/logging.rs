@@ -1,0 +1,272 @@
+//! Tracing on the real binary: every gRPC call runs in a span carrying the
+//! client's RequestMetadata, so a log line emitted inside a call (here
+//! GetTree's debug line about a missing directory, emitted while its
+//! response streams) shows them; and with an OTLP endpoint configured the
+//! call's span is exported, with the same attributes, to a real OTLP/HTTP
+//! receiver (an HTTP server decoding `POST /v1/traces` with the
+//! `opentelemetry-proto` messages).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use common::KilnProcess;
+use kiln_digest::{BlobKey, DigestFunction};
+use kiln_proto::reapi::action_cache_client::ActionCacheClient;
+use kiln_proto::reapi::batch_update_blobs_request::Request as UpdateItem;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::{
+    BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode, GetActionResultRequest, GetTreeRequest,
+    RequestMetadata, ToolDetails,
+};
+use kiln_proto::request_info::REQUEST_METADATA_HEADER;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message;
+
+const CONFIG: &str = r#"
+[stores.cas.memory]
+capacity = "64 MiB"
+
+[stores.ac.memory]
+capacity = "16 MiB"
+
+[[instances]]
+name = ""
+cas = "cas"
+ac = "ac"
+"#;
+
+fn digest_of(data: &[u8]) -> Digest {
+    BlobKey::of(DigestFunction::Sha256, data).to_digest()
+}
+
+/// What a Bazel build would send, with ids unique to this test run.
+fn metadata(tag: &str) -> RequestMetadata {
+    RequestMetadata {
+        tool_details: Some(ToolDetails {
+            tool_name: "bazel".into(),
+            tool_version: "8.0.0".into(),
+        }),
+        action_id: format!("action-{tag}"),
+        tool_invocation_id: format!("invocation-{tag}"),
+        correlated_invocations_id: format!("build-{tag}"),
+        action_mnemonic: "CppCompile".into(),
+        target_id: format!("//pkg:{tag}"),
+        configuration_id: "k8-fastbuild".into(),
+    }
+}
+
+fn with_metadata<T>(message: T, md: &RequestMetadata) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert_bin(
+        REQUEST_METADATA_HEADER,
+        tonic::metadata::MetadataValue::from_bytes(&md.encode_to_vec()),
+    );
+    req
+}
+
+#[tokio::test]
+async fn log_lines_inside_a_call_carry_its_request_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = KilnProcess::with_config_and(
+        dir.path(),
+        CONFIG,
+        &["--log-format", "json", "--log-level", "info,kiln_cache=debug"],
+        &[],
+        true,
+    );
+    let stderr = kiln.stderr.as_ref().expect("stderr is captured");
+    let mut cas = ContentAddressableStorageClient::new(kiln.channel().await);
+
+    // A root directory whose child is missing: GetTree logs (at debug) that
+    // it skips the child, from inside the streamed response.
+    let absent = Directory {
+        files: Vec::new(),
+        ..Default::default()
+    };
+    let mut absent = absent.encode_to_vec();
+    absent.extend_from_slice(b"not uploaded");
+    let root = Directory {
+        directories: vec![DirectoryNode {
+            name: "gone".into(),
+            digest: Some(digest_of(&absent)),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    cas.batch_update_blobs(BatchUpdateBlobsRequest {
+        requests: vec![UpdateItem {
+            digest: Some(digest_of(&root)),
+            data: root.clone(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let tag = uuid::Uuid::new_v4().to_string();
+    let md = metadata(&tag);
+    let mut tree = cas
+        .get_tree(with_metadata(
+            GetTreeRequest {
+                root_digest: Some(digest_of(&root)),
+                ..Default::default()
+            },
+            &md,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    while tree.message().await.unwrap().is_some() {}
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let line = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match stderr.recv_timeout(left) {
+            Ok(l) => l,
+            Err(_) => panic!(
+                "no log line about the missing directory; stderr was:\n{}",
+                seen.join("\n")
+            ),
+        };
+        if line.contains("directory missing") {
+            break line;
+        }
+        seen.push(line);
+    };
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(json["level"], "DEBUG", "{line}");
+    let span = &json["span"];
+    assert_eq!(span["name"], "grpc", "{line}");
+    assert_eq!(span["method"], "ContentAddressableStorage/GetTree", "{line}");
+    assert_eq!(
+        span["tool_invocation_id"],
+        md.tool_invocation_id.as_str(),
+        "{line}"
+    );
+    assert_eq!(
+        span["correlated_invocations_id"],
+        md.correlated_invocations_id.as_str(),
+        "{line}"
+    );
+    assert_eq!(span["action_mnemonic"], "CppCompile", "{line}");
+    assert_eq!(span["target_id"], md.target_id.as_str(), "{line}");
+}
+
+/// The string attributes of a span.
+fn attributes(span: &opentelemetry_proto::tonic::trace::v1::Span) -> Vec<(String, String)> {
+    span.attributes
+        .iter()
+        .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            AnyValue::StringValue(s) => Some((kv.key.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn receive_traces(
+    State(tx): State<tokio::sync::mpsc::UnboundedSender<ExportTraceServiceRequest>>,
+    body: Bytes,
+) -> (axum::http::StatusCode, Vec<u8>) {
+    match ExportTraceServiceRequest::decode(body) {
+        Ok(req) => {
+            let _ = tx.send(req);
+            (
+                axum::http::StatusCode::OK,
+                ExportTraceServiceResponse::default().encode_to_vec(),
+            )
+        }
+        Err(_) => (axum::http::StatusCode::BAD_REQUEST, Vec::new()),
+    }
+}
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_with_request_metadata() {
+    // A minimal OTLP/HTTP receiver.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new()
+        .route("/v1/traces", post(receive_traces))
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[server]\notlp_endpoint = \"http://{receiver}\"\n{CONFIG}");
+    let kiln = KilnProcess::with_config_and(
+        dir.path(),
+        &config,
+        &[],
+        // Export every 100 ms; never through a proxy.
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("NO_PROXY", "127.0.0.1"),
+            ("no_proxy", "127.0.0.1"),
+        ],
+        false,
+    );
+    let tag = uuid::Uuid::new_v4().to_string();
+    let md = metadata(&tag);
+    let err = ActionCacheClient::new(kiln.channel().await)
+        .get_action_result(with_metadata(
+            GetActionResultRequest {
+                action_digest: Some(digest_of(tag.as_bytes())),
+                ..Default::default()
+            },
+            &md,
+        ))
+        .await
+        .expect_err("an unknown action");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let found = 'wait: loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(req)) = tokio::time::timeout(left, rx.recv()).await else {
+            panic!("no exported span of the call within 30 s");
+        };
+        for rs in &req.resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .map(|r| {
+                    r.attributes
+                        .iter()
+                        .any(|kv| kv.key == "service.name" && format!("{:?}", kv.value).contains("kiln"))
+                })
+                .unwrap_or(false);
+            for ss in &rs.scope_spans {
+                for span in &ss.spans {
+                    let attrs = attributes(span);
+                    if attrs.contains(&("tool_invocation_id".into(), md.tool_invocation_id.clone())) {
+                        break 'wait (service, span.name.clone(), attrs);
+                    }
+                }
+            }
+        }
+    };
+    let (service, name, attrs) = found;
+    assert!(service, "the resource names the service kiln");
+    assert_eq!(name, "grpc");
+    let want = [
+        ("method", "ActionCache/GetActionResult"),
+        ("correlated_invocations_id", md.correlated_invocations_id.as_str()),
+        ("action_mnemonic", "CppCompile"),
+        ("target_id", md.target_id.as_str()),
+    ];
+    for (k, v) in want {
+        assert!(
+            attrs.contains(&(k.to_string(), v.to_string())),
+            "{k}={v} missing from {attrs:?}"
+        );
+    }
+    drop(kiln);
+    server.abort();
+}
