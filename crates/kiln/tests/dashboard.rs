@@ -161,7 +161,7 @@ async fn upload(channel: &Channel, blobs: &[(Digest, Vec<u8>)]) {
             .iter()
             .map(|(d, data)| batch_update_blobs_request::Request {
                 digest: Some(d.clone()),
-                data: data.clone().into(),
+                data: data.clone(),
                 compressor: 0,
             })
             .collect(),
