@@ -321,6 +321,7 @@ async fn serve(cfg: config::Config, args: ServeArgs) -> ExitCode {
     println!("kiln: data directory {}", server.data_dir.display());
     println!("kiln: grpc listening on {}", server.grpc_addr);
     println!("kiln: http listening on {}", server.http_addr);
+    println!("kiln: dashboard http://{}/", server.http_addr);
     let mut names: Vec<String> = server.instances.iter().map(|i| i.name.clone()).collect();
     names.sort();
     for name in names {
