@@ -60,6 +60,7 @@ page.on('console', m => { if (m.type() === 'error') consoleErrors.push(m.text())
 page.on('pageerror', e => consoleErrors.push(String(e)));
 
 async function shot(name) {
+  await page.evaluate(() => window.scrollTo(0, 0)); // sticky header stays on top
   await page.waitForTimeout(300); // let charts lay out
   await page.screenshot({ path: join(shots, `${name}.png`), fullPage: true });
   log(`screenshot ${name}.png`);

@@ -20,6 +20,10 @@ export function num(n) {
   return Number.isInteger(n) ? n.toLocaleString('en-US') : n.toFixed(n < 10 ? 2 : 1);
 }
 
+export function plural(n, one, many = one + 's') {
+  return `${num(n)} ${n === 1 ? one : many}`;
+}
+
 export function pct(x, digits = 1) {
   if (x === null || x === undefined || !isFinite(x)) return '–';
   return (x * 100).toFixed(digits) + '%';

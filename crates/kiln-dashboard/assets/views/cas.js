@@ -3,7 +3,7 @@
 
 import { getJSON } from '../api.js';
 import { h, mount, panel, empty, errorBox } from '../dom.js';
-import { bytes, casApi, casHref, downloadHref, actionHref, digestText } from '../format.js';
+import { bytes, casApi, casHref, downloadHref, actionHref, digestText, plural } from '../format.js';
 import { dirTree, fetchDirectory } from './tree.js';
 
 function parseParts(parts) {
@@ -65,7 +65,7 @@ async function blobView(d, as) {
     body = panel('Tree (output directory)', treeView(info.instance, t), { id: 'cas-directory', extra: h('span', { class: 'muted', text: `${t.children.length} subdirectories` }) });
   } else if (kind === 'directory') {
     const dir = info.directory || await getJSON(base + '/directory');
-    body = panel('Directory', dirTree(info.instance, dir, fetchDirectory(info.instance)), { id: 'cas-directory', extra: h('span', { class: 'muted', text: `${dir.files.length} files · ${dir.directories.length} directories · ${dir.symlinks.length} symlinks` }) });
+    body = panel('Directory', dirTree(info.instance, dir, fetchDirectory(info.instance)), { id: 'cas-directory', extra: h('span', { class: 'muted', text: [plural(dir.files.length, 'file'), plural(dir.directories.length, 'directory', 'directories'), plural(dir.symlinks.length, 'symlink')].join(' · ') }) });
   } else if (kind === 'action') {
     body = panel('Action', h('div', null,
       h('p', null, 'This blob is an Action. ', h('a', { href: actionHref(info.instance, dg), id: 'cas-open-action', text: 'Open the action page →' })),

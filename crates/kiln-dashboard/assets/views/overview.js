@@ -3,7 +3,7 @@
 import { getJSON } from '../api.js';
 import { h, mount, panel, table, errorBox } from '../dom.js';
 import { lineChart, legend } from '../chart.js';
-import { bytes, rate, num, pct, dur, ago } from '../format.js';
+import { bytes, rate, num, pct, dur, plural } from '../format.js';
 
 const COLORS = ['var(--c1)', 'var(--c2)', 'var(--c3)', 'var(--c4)', 'var(--c5)', 'var(--c6)'];
 
@@ -36,7 +36,7 @@ function build(o) {
   const lookups = t.ac_hits + t.ac_misses;
   const s = o.series;
   const cards = h('div', { class: 'grid cards', id: 'overview-cards' },
-    card('AC hit rate', pct(t.ac_hit_rate), lookups ? `${num(t.ac_hits)} hits · ${num(t.ac_misses)} misses` : 'no lookups yet', 'accent'),
+    card('AC hit rate', pct(t.ac_hit_rate), lookups ? `${plural(t.ac_hits, 'hit')} · ${plural(t.ac_misses, 'miss', 'misses')}` : 'no lookups yet', 'accent'),
     card('CAS read', bytes(t.cas_bytes_read), `${num(t.cas_blobs_read)} blobs served`),
     card('CAS written', bytes(t.cas_bytes_written), `${num(t.cas_blobs_written)} blobs stored`),
     card('Actions', num(t.actions_executed + t.actions_cached), `${num(t.actions_executed)} executed · ${num(t.actions_cached)} cached · ${num(t.actions_failed)} failed`),
