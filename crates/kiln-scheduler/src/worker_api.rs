@@ -62,10 +62,30 @@ impl WorkerApi for WorkerApiService {
         &self,
         request: Request<Streaming<WorkerUpdate>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+        open_session(self.scheduler.clone(), request.into_inner())
             .await
-            .map_err(|_| Status::deadline_exceeded("no Register message received in time"))??;
+            .map(Response::new)
+    }
+}
+
+/// Inbound half of a worker session: the worker's messages, from a gRPC
+/// stream or, for a worker in the same process, from a channel.
+pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<WorkerUpdate, Status>> + Send + 'static>>;
+
+/// Serves one worker session over any transport: waits for `Register`,
+/// registers the worker and returns the stream of commands for it; the
+/// worker's later messages are handled by a background task until
+/// `inbound` ends. The gRPC service and in-process workers both use this.
+pub async fn open_session(
+    s: Arc<Scheduler>,
+    inbound: impl Stream<Item = Result<WorkerUpdate, Status>> + Send + 'static,
+) -> Result<CommandStream, Status> {
+    let mut inbound: UpdateStream = Box::pin(inbound);
+    {
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register message received in time"))?
+            .transpose()?;
         let reg = match first {
             Some(WorkerUpdate {
                 update: Some(worker_update::Update::Register(r)),
@@ -77,7 +97,6 @@ impl WorkerApi for WorkerApiService {
             }
         };
         validate(&reg)?;
-        let s = &self.scheduler;
         let worker_id = reg.worker_id.clone();
         let conn_id = s.next_conn_id();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -119,7 +138,7 @@ impl WorkerApi for WorkerApiService {
             read_loop(scheduler, worker_id, conn_id, inbound, stop_rx).await;
         });
         let out = UnboundedReceiverStream::new(rx).map(Ok);
-        Ok(Response::new(Box::pin(out)))
+        Ok(Box::pin(out))
     }
 }
 
@@ -129,19 +148,19 @@ async fn read_loop(
     s: Arc<Scheduler>,
     worker: String,
     conn: ConnId,
-    mut inbound: Streaming<WorkerUpdate>,
+    mut inbound: UpdateStream,
     mut stop: watch::Receiver<()>,
 ) {
     loop {
         let msg = tokio::select! {
-            m = inbound.message() => m,
+            m = inbound.next() => m,
             _ = stop.changed() => break,
         };
         let update = match msg {
-            Ok(Some(WorkerUpdate { update: Some(u) })) => u,
-            Ok(Some(WorkerUpdate { update: None })) => continue,
-            Ok(None) => break,
-            Err(status) => {
+            Some(Ok(WorkerUpdate { update: Some(u) })) => u,
+            Some(Ok(WorkerUpdate { update: None })) => continue,
+            None => break,
+            Some(Err(status)) => {
                 tracing::debug!(%worker, %status, "worker stream ended with an error");
                 break;
             }

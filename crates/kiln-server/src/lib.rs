@@ -7,6 +7,7 @@ mod data_dir;
 mod error;
 pub mod grpc;
 mod http;
+mod local_link;
 pub mod metrics;
 mod server;
 mod stores;

@@ -181,11 +181,15 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
             .tcp_nodelay(true)
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(32 << 20);
-        let scheduler_channel = endpoint.connect_lazy();
+        let scheduler_link: Box<dyn kiln_worker::SchedulerLink> = match &scheduler {
+            // The scheduler is in this process: hand it the streams.
+            Some(s) => Box::new(crate::local_link::InProcessScheduler::new(s.clone())),
+            None => Box::new(endpoint.connect_lazy()),
+        };
         let cas_channel = endpoint.connect_lazy();
         let stop = signal(&rx);
         worker_tasks.push(kiln_store::task::spawn("in-process-worker", async move {
-            if let Err(e) = kiln_worker::run_worker(wc, scheduler_channel, cas_channel, stop).await {
+            if let Err(e) = kiln_worker::run_worker(wc, scheduler_link, cas_channel, stop).await {
                 tracing::error!(worker = i, error = %e, "in-process worker stopped");
             }
         }));

@@ -16,13 +16,15 @@
 //! * [`outputs`], [`upload`]: outputs (Trees, symlinks), stdout/stderr to
 //!   the CAS.
 //! * [`cas`]: the CAS client (batch and ByteStream).
-//! * [`worker`]: the connection to the scheduler (kiln.worker.v1).
+//! * [`worker`]: the connection to the scheduler (kiln.worker.v1), over
+//!   a [`link`] (gRPC, or direct in-process streams).
 
 pub mod cas;
 pub mod command;
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod link;
 pub mod local_cas;
 pub mod materialize;
 pub mod metadata;
@@ -36,6 +38,7 @@ pub mod worker;
 pub use config::{PropertyValues, SandboxConfig, WorkerConfig};
 pub use error::{WorkerError, WorkerResult};
 pub use executor::{Executor, Job};
+pub use link::SchedulerLink;
 pub use sandbox::helper_main;
 pub use worker::run_worker;
 

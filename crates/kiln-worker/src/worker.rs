@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
 use kiln_digest::DigestFunction;
 use kiln_proto::reapi::platform::Property;
-use kiln_proto::worker::worker_api_client::WorkerApiClient;
 use kiln_proto::worker::{
     Assign, Draining, Finished, HandBack, Heartbeat, LocalCacheCounters, PROTOCOL_VERSION, Phase, Progress,
     Register, SchedulerCommand, Started, WorkerUpdate, scheduler_command, worker_update,
@@ -23,13 +23,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::link::SchedulerLink;
+
 use crate::config::WorkerConfig;
 use crate::error::{WorkerError, WorkerResult};
 use crate::executor::{DEFAULT_TIMEOUT, Executor, Job};
 use crate::metadata::std_duration;
 
-/// Largest message on the worker stream (an Assign carries a Command).
-pub const MAX_MESSAGE: usize = 64 << 20;
+pub use crate::link::MAX_MESSAGE;
 /// How long to wait for `Registered` after opening the stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Heartbeat interval until the scheduler says otherwise.
@@ -46,10 +47,11 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// them back), closes its stream and returns.
 pub async fn run_worker(
     config: WorkerConfig,
-    scheduler: Channel,
+    scheduler: impl SchedulerLink,
     cas: Channel,
     shutdown: impl Future<Output = ()>,
 ) -> WorkerResult<()> {
+    let scheduler: Arc<dyn SchedulerLink> = Arc::new(scheduler);
     let executor = Executor::new(config.clone(), cas).await?;
     let worker_id = load_worker_id(executor.local_cas().dir()).await?;
     let worker = Worker::new(executor.clone(), worker_id);
@@ -223,7 +225,7 @@ impl Worker {
     /// Connects, serves and reconnects until drained.
     async fn connection_loop(
         self: Arc<Self>,
-        scheduler: Channel,
+        scheduler: Arc<dyn SchedulerLink>,
         drain: CancellationToken,
     ) -> WorkerResult<()> {
         let config = self.executor.config();
@@ -244,7 +246,7 @@ impl Worker {
                     return Ok(());
                 }
             }
-            match self.session(&scheduler, &drain).await {
+            match self.session(scheduler.as_ref(), &drain).await {
                 SessionEnd::Done => return Ok(()),
                 SessionEnd::Broken(why) => {
                     tracing::warn!(worker = %self.id, reason = %why, retry_in = ?backoff, "scheduler stream lost; reconnecting");
@@ -310,7 +312,11 @@ impl Worker {
 
     /// One stream: register, then serve until it breaks or the worker has
     /// drained.
-    async fn session(self: &Arc<Self>, scheduler: &Channel, drain: &CancellationToken) -> SessionEnd {
+    async fn session(
+        self: &Arc<Self>,
+        scheduler: &dyn SchedulerLink,
+        drain: &CancellationToken,
+    ) -> SessionEnd {
         let (tx, rx) = mpsc::channel::<WorkerUpdate>(256);
         let register = self.register_message();
         let reported: Vec<String> = register.running_leases.clone();
@@ -321,24 +327,21 @@ impl Worker {
         {
             return SessionEnd::Broken("the outgoing stream closed".into());
         }
-        let mut client = WorkerApiClient::new(scheduler.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-        let mut inbound = match client.session(ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
+        let mut inbound = match scheduler.open(ReceiverStream::new(rx)).await {
+            Ok(r) => r,
             Err(s) => return SessionEnd::Broken(format!("Connect failed: {s}")),
         };
-        let registered = match tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(SchedulerCommand {
+        let registered = match tokio::time::timeout(REGISTER_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(SchedulerCommand {
                 command: Some(scheduler_command::Command::Registered(r)),
             }))) => r,
-            Ok(Ok(Some(_))) => {
+            Ok(Some(Ok(_))) => {
                 return SessionEnd::Broken("the scheduler did not answer Registered first".into());
             }
-            Ok(Ok(None)) => {
+            Ok(None) => {
                 return SessionEnd::Broken("the scheduler closed the stream before Registered".into());
             }
-            Ok(Err(s)) => return SessionEnd::Broken(format!("registration failed: {s}")),
+            Ok(Some(Err(s))) => return SessionEnd::Broken(format!("registration failed: {s}")),
             Err(_) => return SessionEnd::Broken("no Registered within 30 s".into()),
         };
         self.last_session_registered.store(true, Ordering::SeqCst);
@@ -380,15 +383,15 @@ impl Worker {
             }
             let close_deadline = closing_since.map(|t| t + Duration::from_secs(10));
             tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(cmd)) => self.handle(cmd),
-                    Ok(None) if tx.is_none() => return SessionEnd::Done,
-                    Ok(None) => return SessionEnd::Broken("the scheduler closed the stream".into()),
-                    Err(s) if tx.is_none() => {
+                msg = inbound.next() => match msg {
+                    Some(Ok(cmd)) => self.handle(cmd),
+                    None if tx.is_none() => return SessionEnd::Done,
+                    None => return SessionEnd::Broken("the scheduler closed the stream".into()),
+                    Some(Err(s)) if tx.is_none() => {
                         tracing::debug!(status = %s, "stream ended while closing");
                         return SessionEnd::Done;
                     }
-                    Err(s) => return SessionEnd::Broken(format!("stream error: {s}")),
+                    Some(Err(s)) => return SessionEnd::Broken(format!("stream error: {s}")),
                 },
                 _ = ticker.tick(), if tx.is_some() => {
                     let hb = self.heartbeat().await;
