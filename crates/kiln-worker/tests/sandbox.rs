@@ -414,3 +414,57 @@ async fn noop_action_overhead() {
         n as f64 / start.elapsed().as_secs_f64()
     );
 }
+
+/// A slot's zygote killed with SIGKILL while its action runs: the whole
+/// action dies with it (nothing is left unsupervised), the action fails
+/// with INTERNAL, and the next action on that worker runs in a new zygote.
+#[tokio::test]
+async fn killing_a_zygote_kills_its_action_and_the_slot_recovers() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.slots = Some(1);
+    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    let root = TreeSpec::default().upload(&cas).await;
+    let tok = token();
+    let j = job(&cas, sh(&tree_script(&tok)), root.clone(), T).await;
+    let e = exec.clone();
+    let task = tokio::spawn(async move { e.execute(j, CancellationToken::new()).await });
+    wait_for_processes(&tok, 4).await;
+    let cmdline = |pid: u32| {
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+            .replace('\0', " ")
+    };
+    // The outermost ancestor started as a zygote is the slot's zygote (the
+    // action's init, a clone of it, has the same command line).
+    let mut p = processes_with(&tok)[0];
+    let mut zygote = None;
+    for _ in 0..10 {
+        let Some(parent) = parent_of(p) else { break };
+        if cmdline(parent).contains("zygote") {
+            zygote = Some(parent);
+        }
+        p = parent;
+    }
+    let zygote = zygote.expect("the action runs under a zygote");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(zygote as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the execution ended")
+        .unwrap();
+    assert_eq!(code(&resp), tonic::Code::Internal as i32, "{:?}", resp.status);
+    wait_gone(&tok).await;
+    // The slot works again, with a new zygote.
+    let j = job(&cas, sh("echo again"), root, T).await;
+    let resp = run(&exec, j).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    assert_eq!(stdout_of(&cas, &resp).await, "again\n");
+    assert!(!exec.sandbox().zygote_pids().contains(&zygote));
+    assert!(slots_are_clean(&tmp.path().join("work")));
+}

@@ -37,8 +37,13 @@ pub struct InitSpec<'a> {
     pub request: &'a RunRequest,
     pub stdout: &'a OwnedFd,
     pub stderr: &'a OwnedFd,
-    /// Write end of the pipe the record goes to.
+    /// Write end of the pipe the record goes to. It is also init's
+    /// lifeline: when the zygote (the only holder of the read end) dies,
+    /// polling it reports an error and init kills the action.
     pub report: &'a OwnedFd,
+    /// The zygote's read end of that pipe, which the clone inherited: init
+    /// closes its copy first thing, so that only the zygote holds one.
+    pub report_reader: std::cell::Cell<Option<OwnedFd>>,
     /// Whether this process is PID 1 of a fresh PID namespace.
     pub pidns: bool,
     /// Host name to set (fresh UTS namespace only).
@@ -56,6 +61,8 @@ pub fn supervised_signals() -> SigSet {
 
 /// Runs the action and reports; returns the process's exit code.
 pub fn init_main(spec: &InitSpec<'_>) -> i32 {
+    // This is the clone's own copy of the cell: the zygote keeps its end.
+    drop(spec.report_reader.take());
     let record = match run(spec) {
         Ok(r) => r,
         Err(setup_error) => Finished {
@@ -168,9 +175,17 @@ fn run(spec: &InitSpec<'_>) -> Result<Finished, String> {
             ),
             _ => None,
         };
-        if wait_signal(&signals, timeout) && term_deadline.is_none() {
-            term_deadline = Some(Instant::now() + grace);
-            kill_all(Signal::SIGTERM);
+        match wait_signal(&signals, spec.report, timeout) {
+            Wake::Terminate if term_deadline.is_none() => {
+                term_deadline = Some(Instant::now() + grace);
+                kill_all(Signal::SIGTERM);
+            }
+            Wake::Orphaned => {
+                // Nobody will read our report or enforce a deadline.
+                kill_all(Signal::SIGKILL);
+                return Err("the zygote went away while the action ran".into());
+            }
+            _ => {}
         }
     }
     // The command is done: nothing it started may outlive it.
@@ -196,16 +211,33 @@ fn run(spec: &InitSpec<'_>) -> Result<Finished, String> {
     Ok(usage_record(code, signal))
 }
 
-/// Waits for a signal (or `timeout`); drains the signalfd. Returns whether
-/// a termination signal (SIGTERM/SIGINT) arrived.
-fn wait_signal(signals: &SignalFd, timeout: Option<Duration>) -> bool {
+/// Why [`wait_signal`] returned.
+enum Wake {
+    /// SIGTERM or SIGINT arrived.
+    Terminate,
+    /// The zygote is gone (the report pipe has no reader).
+    Orphaned,
+    /// A child changed state, or the timeout passed.
+    Other,
+}
+
+/// Waits for a signal, for the zygote to go away, or for `timeout`;
+/// drains the signalfd.
+fn wait_signal(signals: &SignalFd, lifeline: &OwnedFd, timeout: Option<Duration>) -> Wake {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let t = match timeout {
         None => PollTimeout::NONE,
         Some(d) => PollTimeout::try_from(d.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX),
     };
-    let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+    // A pipe's write end reports POLLERR once no reader is left.
+    let mut fds = [
+        PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+        PollFd::new(lifeline.as_fd(), PollFlags::empty()),
+    ];
     let _ = poll(&mut fds, t);
+    let orphaned = fds[1]
+        .revents()
+        .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP));
     let mut term = false;
     while let Ok(Some(info)) = signals.read_signal() {
         let s = info.ssi_signo as i32;
@@ -213,7 +245,13 @@ fn wait_signal(signals: &SignalFd, timeout: Option<Duration>) -> bool {
             term = true;
         }
     }
-    term
+    if orphaned {
+        Wake::Orphaned
+    } else if term {
+        Wake::Terminate
+    } else {
+        Wake::Other
+    }
 }
 
 /// Reaps children; records the main command's (exit code, signal).

@@ -251,6 +251,7 @@ fn start(frame: Frame, o: &ZygoteOptions, stack: &mut [u8]) -> Result<Running, S
         stdout: &stdout,
         stderr: &stderr,
         report: &report_tx,
+        report_reader: std::cell::Cell::new(Some(report_rx)),
         pidns: o.namespaces,
         hostname: o.hostname.as_deref().filter(|_| o.namespaces),
     };
@@ -280,6 +281,11 @@ fn start(frame: Frame, o: &ZygoteOptions, stack: &mut [u8]) -> Result<Running, S
         )
     }
     .map_err(|e| format!("clone of the action's init: {e}"))?;
+    let report_rx = spec
+        .report_reader
+        .take()
+        .ok_or("the report pipe's read end went missing")?;
+    drop(spec);
     drop(report_tx);
     Ok(Running {
         pid,
