@@ -456,3 +456,46 @@ async fn sandbox_hides_worker_directories_and_gives_private_tmp() {
     assert_eq!(lines[5], "tmp-ok");
     assert!(!leak.exists(), "the sandbox wrote into the host's /tmp");
 }
+
+/// Consecutive actions of one slot share its zygote: nothing the first
+/// leaves in the private tmpfs's, in SysV IPC, in the input root or in the
+/// host name reaches the second.
+#[tokio::test]
+async fn consecutive_actions_of_a_slot_do_not_see_each_others_leftovers() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.slots = Some(1);
+    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    let root = TreeSpec::default().upload(&cas).await;
+    // Leave files (one in a directory the action locks), an IPC segment, a
+    // changed host name and junk in the input root behind.
+    let dirty = sh(
+        "set -e; echo a > /tmp/left; mkdir -p /tmp/locked/d; echo b > /tmp/locked/d/f; chmod 000 /tmp/locked/d /tmp/locked; \
+         echo c > /dev/shm/left; echo d > /var/tmp/left; ipcmk -M 4096 >/dev/null; test \"$(ipcs -m | grep -c '^0x')\" = 1; \
+         hostname changed 2>/dev/null || true; mkdir junk; echo e > junk/f; chmod 000 junk; chmod 700 .",
+    );
+    let resp = run(&exec, job(&cas, dirty, root.clone(), T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    // The work directory lives under the test's temporary directory: when
+    // that is in /tmp, the way to the input root is (rightly) kept there.
+    let way = tmp
+        .path()
+        .strip_prefix("/tmp")
+        .ok()
+        .and_then(|p| p.components().next())
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .unwrap_or_else(|| "-".into());
+    let mut probe = sh(&format!(
+        "ls -A /tmp /dev/shm /var/tmp . | grep -v ':$' | grep -v '^$' | grep -v '^o$' | grep -vx -- '{way}' > o; \
+         ipcs -m | grep -c '^0x' >> o; hostname >> o; stat -c %a . >> o"
+    ));
+    probe.output_paths = vec!["o".into()];
+    let resp = run(&exec, job(&cas, probe, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let o = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["o"]).await).unwrap();
+    assert_eq!(o, "0\nlocalhost\n755\n", "leftovers seen by the next action");
+    assert!(slots_are_clean(&tmp.path().join("work")));
+}

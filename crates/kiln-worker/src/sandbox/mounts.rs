@@ -15,9 +15,19 @@ fn errno(what: &str) -> impl FnOnce(Errno) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+/// A private tmpfs of the slot, emptied between actions.
+#[derive(Debug, Clone)]
+pub struct Scratch {
+    pub path: PathBuf,
+    /// The directory's size while empty (tmpfs counts entries in a
+    /// directory's size), so an empty one needs no listing.
+    pub empty_size: u64,
+}
+
 /// Sets the mounts up; returns the tmpfs directories that were mounted
 /// (to be emptied between actions).
-pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<Scratch>, String> {
+    use std::os::unix::fs::MetadataExt;
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(errno("making / private"))?;
     // Opened in the new mount namespace (a bind source must belong to it),
@@ -27,7 +37,7 @@ pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<Pat
         .map(|s| ms_flags_of(s.flags()))
         .map_err(errno("statvfs of the input root"))?;
     make_read_only()?;
-    let mut scratch: Vec<PathBuf> = Vec::new();
+    let mut scratch: Vec<Scratch> = Vec::new();
     let mut hidden: Vec<PathBuf> = Vec::new();
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     for t in tmpfs {
@@ -42,10 +52,16 @@ pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<Pat
             Some("mode=1777"),
         )
         .map_err(|e| format!("mounting a tmpfs on {}: {e}", t.display()))?;
-        scratch.push(t.clone());
+        let empty_size = std::fs::symlink_metadata(t)
+            .map_err(|e| format!("stat of the new tmpfs on {}: {e}", t.display()))?
+            .size();
+        scratch.push(Scratch {
+            path: t.clone(),
+            empty_size,
+        });
     }
     for h in hide {
-        if scratch.iter().any(|c| h.starts_with(c)) || !h.is_dir() {
+        if scratch.iter().any(|c| h.starts_with(&c.path)) || !h.is_dir() {
             continue;
         }
         mount(
@@ -58,7 +74,12 @@ pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<Pat
         .map_err(|e| format!("hiding {}: {e}", h.display()))?;
         hidden.push(h.clone());
     }
-    if scratch.iter().chain(&hidden).any(|c| root.starts_with(c)) {
+    if scratch
+        .iter()
+        .map(|c| &c.path)
+        .chain(&hidden)
+        .any(|c| root.starts_with(c))
+    {
         std::fs::create_dir_all(root)
             .map_err(|e| format!("creating {} in the sandbox: {e}", root.display()))?;
     }
@@ -174,15 +195,19 @@ fn unescape_mount_path(s: &str) -> String {
 /// Removes everything inside the private tmpfs `dir` (not `dir` itself)
 /// without following symlinks or crossing into another file system; the
 /// directories leading to `keep` (the slot's input root, when it lies
-/// under this tmpfs) stay, and `keep` itself is not entered.
-pub fn empty_dir(dir: &Path, keep: &Path) -> Result<(), String> {
+/// under this tmpfs) stay, and `keep` itself is not entered. `empty_size`:
+/// the directory's size when it is empty (then there is nothing to list).
+pub fn empty_dir(dir: &Path, empty_size: Option<u64>, keep: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let dev = match std::fs::symlink_metadata(dir) {
-        Ok(m) => m.dev(),
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(format!("stat of {}: {e}", dir.display())),
     };
-    empty_inside(dir, dev, Some(keep), 0)
+    if Some(meta.size()) == empty_size {
+        return Ok(());
+    }
+    empty_inside(dir, meta.dev(), Some(keep), 0)
 }
 
 /// Deepest directory nesting removed (a bound on the recursion).
@@ -243,7 +268,7 @@ mod tests {
         std::fs::create_dir_all(&keep).unwrap();
         std::fs::write(keep.join("output"), b"3").unwrap();
         std::fs::write(d.join("a/junk"), b"4").unwrap();
-        empty_dir(&d, &keep).unwrap();
+        empty_dir(&d, None, &keep).unwrap();
         assert!(d.is_dir());
         let mut left = Vec::new();
         for e in std::fs::read_dir(&d).unwrap() {

@@ -41,6 +41,7 @@ use nix::unistd::Pid;
 use prost::Message;
 
 use super::init::{InitSpec, init_main, supervised_signals};
+use super::mounts::Scratch;
 use super::protocol::{self, Finished, Frame, Kind, RunRequest};
 
 /// Stack of the cloned init. It is only touched as far as init uses it
@@ -114,7 +115,7 @@ fn ensure_single_threaded() -> Result<(), String> {
 
 /// Namespaces and mounts; returns the private tmpfs's to empty after each
 /// action.
-fn setup(o: &ZygoteOptions) -> Result<Vec<PathBuf>, String> {
+fn setup(o: &ZygoteOptions) -> Result<Vec<Scratch>, String> {
     if !o.namespaces {
         std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
         return Ok(Vec::new());
@@ -146,7 +147,7 @@ fn setup(o: &ZygoteOptions) -> Result<Vec<PathBuf>, String> {
     Ok(scratch)
 }
 
-fn serve(sock: &mut UnixStream, o: &ZygoteOptions, scratch: &[PathBuf]) -> Result<i32, String> {
+fn serve(sock: &mut UnixStream, o: &ZygoteOptions, scratch: &[Scratch]) -> Result<i32, String> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let signals = SignalFd::with_flags(
         &supervised_signals(),
@@ -299,14 +300,14 @@ fn start(frame: Frame, o: &ZygoteOptions, stack: &mut [u8]) -> Result<Running, S
 fn finish(
     mut r: Running,
     status: WaitStatus,
-    scratch: &[PathBuf],
+    scratch: &[Scratch],
     root: &std::path::Path,
 ) -> (Kind, Vec<u8>, Option<String>) {
     let mut buf = Vec::new();
     let _ = r.report.read_to_end(&mut buf);
     let mut cleanup_error = None;
     for dir in scratch {
-        if let Err(e) = super::mounts::empty_dir(dir, root) {
+        if let Err(e) = super::mounts::empty_dir(&dir.path, Some(dir.empty_size), root) {
             cleanup_error.get_or_insert(e);
         }
     }
