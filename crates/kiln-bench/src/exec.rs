@@ -116,7 +116,7 @@ pub fn execute_request(instance: &str, action: &Digest) -> ExecuteRequest {
 /// `done` does).
 pub async fn execute(
     client: &mut ExecutionClient<Channel>,
-    req: ExecuteRequest,
+    req: impl tonic::IntoRequest<ExecuteRequest>,
     drain: bool,
 ) -> Result<ExecuteResponse> {
     let mut stream = client

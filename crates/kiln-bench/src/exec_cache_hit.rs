@@ -6,6 +6,11 @@ use std::sync::Arc;
 
 use futures::StreamExt as _;
 
+use kiln_proto::reapi::{RequestMetadata, ToolDetails};
+use kiln_proto::request_info::REQUEST_METADATA_HEADER;
+use prost::Message as _;
+use tonic::metadata::{BinaryMetadataValue, MetadataValue};
+
 use crate::Ctx;
 use crate::client::{self, Blob};
 use crate::error::{BenchError, Context as _, Result};
@@ -20,6 +25,23 @@ const REF_RATE: f64 = 1_880.0;
 const REF_RATE_NODELAY: f64 = 12_700.0;
 const REF_CPU_US: f64 = 86.0;
 const TARGET_RATE: f64 = 25_000.0;
+
+/// A RequestMetadata like the one Bazel sends with each remote call.
+fn bazel_metadata(seed: u64) -> BinaryMetadataValue {
+    let md = RequestMetadata {
+        tool_details: Some(ToolDetails {
+            tool_name: "bazel".into(),
+            tool_version: "8.0.0".into(),
+        }),
+        action_id: format!("{seed:016x}0123456789abcdef0123456789abcdef0123456789abcdef"),
+        tool_invocation_id: format!("kiln-bench-{seed:016x}-invocation-0000-000000000000"),
+        correlated_invocations_id: format!("kiln-bench-{seed:016x}-build-0000-000000000000"),
+        action_mnemonic: "CppCompile".into(),
+        target_id: "//bench/some/package:some_target".into(),
+        configuration_id: "k8-fastbuild".into(),
+    };
+    MetadataValue::from_bytes(&md.encode_to_vec())
+}
 
 pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
     let a = &ctx.args;
@@ -67,13 +89,17 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
     }
 
     let actions = Arc::new(actions);
+    let metadata = a.request_metadata.then(|| bazel_metadata(ctx.seed));
     let out = load::run(ctx.spec(c), &ctx.meters, |_w| {
         let client = exec::execution(&pool);
-        let (actions, instance) = (actions.clone(), instance.clone());
+        let (actions, instance, metadata) = (actions.clone(), instance.clone(), metadata.clone());
         move |op: u64| {
             let mut client = client.clone();
             let idx = (op.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as usize % actions.len();
-            let req = exec::execute_request(&instance, &actions[idx]);
+            let mut req = tonic::Request::new(exec::execute_request(&instance, &actions[idx]));
+            if let Some(md) = &metadata {
+                req.metadata_mut().insert_bin(REQUEST_METADATA_HEADER, md.clone());
+            }
             async move {
                 let resp = exec::execute(&mut client, req, drain).await?;
                 if !resp.cached_result {
@@ -114,6 +140,9 @@ pub async fn run(ctx: &Ctx) -> Result<ScenarioReport> {
         pool.len()
     ));
     rep.note(format!("Execute stream after done: {:?}", a.exec_stream_end));
+    if a.request_metadata {
+        rep.note("every Execute carries a Bazel-like RequestMetadata header".to_string());
+    }
     rep.note(out.summary());
     Ok(rep)
 }

@@ -197,6 +197,11 @@ pub struct Args {
     /// again at random.
     #[arg(long, default_value_t = 64)]
     pub exec_hit_actions: usize,
+    /// exec-cache-hit: attach a RequestMetadata header to every Execute, as
+    /// Bazel does (tool, invocation and correlated ids, mnemonic, target,
+    /// action id), so the server's per-call decoding and logging is measured.
+    #[arg(long)]
+    pub request_metadata: bool,
     /// exec-mixed: concurrent simulated actions.
     #[arg(long, default_value_t = 16)]
     pub mixed_concurrency: usize,

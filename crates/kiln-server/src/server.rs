@@ -195,7 +195,7 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
         }));
     }
     // One set of metrics per server, shared by both listeners.
-    let metrics = Arc::new(ServerMetrics::new());
+    let metrics = Arc::new(ServerMetrics::with_enabled(config.server.metrics));
     if let Some(s) = &scheduler {
         metrics.set_scheduler(s);
     }

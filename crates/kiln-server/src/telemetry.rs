@@ -1,17 +1,18 @@
 //! Logging and trace export for the `kiln` process.
 //!
 //! * Logs go to stderr, human-readable by default or one JSON object per
-//!   line. Both show the fields of the spans a line is emitted in, so a log
-//!   line inside a gRPC call carries the call's method and RequestMetadata
-//!   (see [`crate::metrics::grpc_calls`]).
+//!   line. Both show the fields of the spans a line is emitted in, so with
+//!   the per-call span enabled (`kiln::grpc=debug`, e.g. `--log-level
+//!   info,kiln::grpc=debug`) a log line inside a gRPC call carries the
+//!   call's method and RequestMetadata (see [`crate::metrics::grpc_calls`]).
 //! * The filter (tracing `EnvFilter` syntax, e.g. `info` or
 //!   `warn,kiln::grpc=info`) comes from `--log-level`, else the `KILN_LOG`
 //!   environment variable, else `RUST_LOG`, else `info`.
 //! * Spans are exported with OpenTelemetry OTLP/HTTP (protobuf) when an
 //!   endpoint is configured (`[server] otlp_endpoint`, or the standard
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`).
-//!   The exporter has its own filter (every span at `info` and above),
-//!   independent of the log filter. Spans are batched by the SDK's
+//!   The exporter has its own filter (every span at `info` and above, and
+//!   the per-call `kiln::grpc` spans), independent of the log filter. Spans are batched by the SDK's
 //!   processor thread (`OTEL_BSP_*` variables apply) and flushed when the
 //!   [`Telemetry`] guard is dropped.
 
@@ -19,7 +20,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
@@ -157,7 +158,10 @@ pub fn init(options: &TelemetryOptions) -> Result<Telemetry, ServerError> {
     let provider = build_provider(endpoint)?;
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("kiln"))
-        .with_filter(LevelFilter::INFO);
+        .with_filter(Targets::new().with_default(tracing::Level::INFO).with_target(
+            crate::metrics::grpc_calls::SPAN_TARGET,
+            crate::metrics::grpc_calls::SPAN_LEVEL,
+        ));
     Registry::default()
         .with(fmt.with_filter(filter))
         .with(otel)

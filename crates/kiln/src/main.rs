@@ -34,9 +34,10 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct LogArgs {
-    /// Log filter in tracing EnvFilter syntax, e.g. "debug" or
-    /// "warn,kiln::grpc=info". Default: the KILN_LOG environment variable,
-    /// else RUST_LOG, else "info".
+    /// Log filter in tracing EnvFilter syntax, e.g. "debug", or
+    /// "info,kiln::grpc=debug" to put every gRPC call's method and
+    /// RequestMetadata on the log lines it causes. Default: the KILN_LOG
+    /// environment variable, else RUST_LOG, else "info".
     #[arg(long, global = true)]
     log_level: Option<String>,
     /// Log format: human-readable lines or one JSON object per line (both

@@ -77,7 +77,12 @@ async fn log_lines_inside_a_call_carry_its_request_metadata() {
     let kiln = KilnProcess::with_config_and(
         dir.path(),
         CONFIG,
-        &["--log-format", "json", "--log-level", "info,kiln_cache=debug"],
+        &[
+            "--log-format",
+            "json",
+            "--log-level",
+            "info,kiln_cache=debug,kiln::grpc=debug",
+        ],
         &[],
         true,
     );

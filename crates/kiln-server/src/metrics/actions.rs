@@ -2,9 +2,10 @@
 //! ([`kiln_scheduler::observe`]):
 //!
 //! * `kiln_actions_total{outcome}`: "cached" (Execute answered from the
-//!   Action Cache), "success" (exit code 0), "failure" (non-zero exit
-//!   code), "error" (no result: the action could not run, timed out, was
-//!   cancelled, ...);
+//!   Action Cache), and results workers reported: "success" (exit code 0),
+//!   "failure" (non-zero exit code), "error" (an error status or no
+//!   result: the action could not run, timed out, was cancelled on the
+//!   worker). Actions the scheduler ends itself are not observed;
 //! * `kiln_action_queue_wait_seconds`: queued → a worker started it;
 //! * `kiln_action_execution_seconds`: the command's run (execution start →
 //!   completed);
@@ -48,9 +49,23 @@ fn seconds_histogram() -> Histogram {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// The `outcome` label values, in [`Outcome`] order.
+const OUTCOMES: [&str; 4] = ["cached", "success", "failure", "error"];
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Cached = 0,
+    Success = 1,
+    Failure = 2,
+    Error = 3,
+}
+
 #[derive(Debug)]
 pub(crate) struct ActionMetrics {
     outcomes: Family<OutcomeLabels, Counter>,
+    /// The counters of [`OUTCOMES`], resolved once (a cache-hit Execute
+    /// costs one atomic add here).
+    by_outcome: [Counter; 4],
     queue_wait: Histogram,
     execution: Histogram,
     phases: Histograms<PhaseLabels>,
@@ -59,8 +74,11 @@ pub(crate) struct ActionMetrics {
 
 impl ActionMetrics {
     pub fn new() -> Self {
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        let by_outcome = OUTCOMES.map(|outcome| outcomes.get_or_create(&OutcomeLabels { outcome }).clone());
         ActionMetrics {
-            outcomes: Family::default(),
+            outcomes,
+            by_outcome,
             queue_wait: seconds_histogram(),
             execution: seconds_histogram(),
             phases: Family::new_with_constructor(seconds_histogram),
@@ -115,25 +133,21 @@ fn between(start: Option<&Timestamp>, end: Option<&Timestamp>) -> Option<f64> {
     (secs >= 0.0).then_some(secs)
 }
 
-fn outcome(record: &ActionRecord) -> &'static str {
+fn outcome(record: &ActionRecord) -> Outcome {
     if record.cached {
-        "cached"
+        Outcome::Cached
     } else if record.status_code != 0 || record.exit_code.is_none() {
-        "error"
+        Outcome::Error
     } else if record.exit_code == Some(0) {
-        "success"
+        Outcome::Success
     } else {
-        "failure"
+        Outcome::Failure
     }
 }
 
 impl ActionObserver for ActionMetrics {
     fn action_completed(&self, record: &ActionRecord) {
-        self.outcomes
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome(record),
-            })
-            .inc();
+        self.by_outcome[outcome(record) as usize].inc();
         if record.cached {
             return;
         }
