@@ -14,7 +14,9 @@
 //!   The exporter has its own filter (every span at `info` and above, and
 //!   the per-call `kiln::grpc` spans), independent of the log filter. Spans are batched by the SDK's
 //!   processor thread (`OTEL_BSP_*` variables apply) and flushed when the
-//!   [`Telemetry`] guard is dropped.
+//!   [`Telemetry`] guard is dropped. The SDK's own diagnostics (e.g. a
+//!   failed export) are logged like any event (targets `opentelemetry_sdk`,
+//!   `opentelemetry-otlp`).
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;

@@ -9,6 +9,8 @@
 //!   execution and worker-phase histograms and the worker's local cache
 //!   counters by exactly its actions, and a queued action shows in the
 //!   per-platform queue depth;
+//! * a remote `kiln worker` process reports its local cache counters over
+//!   the wire protocol (heartbeats) just the same;
 //! * `[server] metrics = false` turns `/metrics` off.
 
 mod common;
@@ -16,7 +18,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::KilnProcess;
+use common::{KilnProcess, WorkerProcess};
 use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
@@ -599,5 +601,55 @@ async fn metrics_count_a_known_execution_workload() {
         sample(&text, "kiln_scheduler_queue_depth{platform=\"OSFamily=Linux\"}"),
         None,
         "an empty queue has no depth sample"
+    );
+}
+
+#[tokio::test]
+async fn remote_workers_report_their_local_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"{CONFIG}
+[scheduler]
+heartbeat_interval = "200ms"
+heartbeat_timeout = "10s"
+max_action_timeout = "1m"
+"#
+    );
+    let kiln = KilnProcess::with_config(dir.path(), &config);
+    let name = "remote-metrics-worker";
+    let _worker = WorkerProcess::start(kiln.grpc, dir.path(), name, 1, "");
+    let channel = kiln.channel().await;
+    let mut cas = ContentAddressableStorageClient::new(channel.clone());
+    let mut exec = ExecutionClient::new(channel);
+
+    let input = b"an input of a remote action".to_vec();
+    let root = Directory {
+        files: vec![FileNode {
+            name: "in.txt".into(),
+            digest: Some(digest_of(&input)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    upload(&mut cas, &[&input, &root]).await;
+    let root = digest_of(&root);
+    let nonce = uuid::Uuid::new_v4().to_string();
+    for i in 0..2 {
+        let a = action(&mut cas, "cat in.txt > out", &format!("{nonce}-{i}"), &root).await;
+        let r = execute(&mut exec, &a).await;
+        assert_eq!(r.result.as_ref().map(|r| r.exit_code), Some(0), "{r:?}");
+    }
+    let series = |what: &str| format!("kiln_worker_local_cache_{what}_total{{worker=\"{name}\"}}");
+    let text = scrape_until(&kiln, |t| sample(t, &series("hits")) == Some(1.0)).await;
+    assert_eq!(value(&text, &series("misses")), 1.0);
+    assert_eq!(value(&text, &series("miss_bytes")), input.len() as f64);
+    assert_eq!(value(&text, &series("hit_bytes")), input.len() as f64);
+    assert_eq!(
+        value(
+            &text,
+            &format!("kiln_worker_phase_seconds_count{{worker=\"{name}\",phase=\"fetch\"}}")
+        ),
+        2.0
     );
 }
