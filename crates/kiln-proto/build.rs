@@ -2,6 +2,8 @@
 //!
 //! - Kiln's worker protocol (`kiln.worker.v1.WorkerApi`, messages in
 //!   `src/worker.rs`);
+//! - Kiln's status service (`kiln.status.v1.Status`, messages in
+//!   `src/status.rs`);
 //! - `google.bytestream.ByteStream` and
 //!   `build.bazel.remote.execution.v2.ContentAddressableStorage` over the
 //!   zero-copy messages of `src/fast.rs` (same service and method names, same
@@ -47,6 +49,21 @@ fn worker() -> Service {
         .package("kiln.worker.v1")
         .comment("Kiln's scheduler <-> worker protocol (docs/worker-protocol.md).")
         .method(connect)
+        .build()
+}
+
+fn status() -> Service {
+    Service::builder()
+        .name("Status")
+        .package("kiln.status.v1")
+        .comment("Kiln's live status: workers, queue and running actions (`kiln status`).")
+        .method(method(
+            "get_status",
+            "GetStatus",
+            "crate::status::GetStatusRequest",
+            "crate::status::StatusResponse",
+            "unary",
+        ))
         .build()
 }
 
@@ -151,6 +168,6 @@ fn cas() -> Service {
 }
 
 fn main() {
-    tonic_build::manual::Builder::new().compile(&[worker(), bytestream(), cas()]);
+    tonic_build::manual::Builder::new().compile(&[worker(), status(), bytestream(), cas()]);
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -169,6 +169,25 @@ impl Remote {
             .await
     }
 
+    /// Kiln's live status (workers, queue, running actions); `None` when
+    /// the server does not serve `kiln.status.v1.Status` (not Kiln, or
+    /// Kiln without a scheduler).
+    pub async fn kiln_status(&self) -> ClientResult<Option<kiln_proto::status::StatusResponse>> {
+        let mut client = kiln_proto::status::status_client::StatusClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_DECODE);
+        match client
+            .get_status(kiln_proto::status::GetStatusRequest { max_executing: 20 })
+            .await
+        {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == Code::Unimplemented => Ok(None),
+            Err(s) => Err(ClientError::Rpc {
+                context: "GetStatus".into(),
+                status: s,
+            }),
+        }
+    }
+
     /// The batch limit in use: the advertised one (0 = [`DEFAULT_MAX_BATCH`]),
     /// at most [`MAX_BATCH_CAP`].
     pub async fn max_batch(&self) -> ClientResult<u64> {

@@ -1,4 +1,6 @@
-//! `kiln status`: what the server advertises in GetCapabilities.
+//! `kiln status`: what the server advertises in GetCapabilities and, from
+//! a Kiln scheduler, its workers, queue and running actions
+//! (`kiln.status.v1.Status`; other servers have no such call).
 
 use std::fmt::Write as _;
 
@@ -17,7 +19,17 @@ use crate::remote::Remote;
 pub(crate) async fn run(opts: &ClientOptions, console: &mut Console) -> ClientResult<u8> {
     let remote = Remote::connect(opts).await?;
     let caps = remote.capabilities().await?;
-    let text = describe(&remote, caps);
+    let mut text = describe(&remote, caps);
+    match remote.kiln_status().await? {
+        Some(st) => describe_live(&mut text, &st),
+        None => {
+            let _ = writeln!(
+                text,
+                "workers and queue: not available (the server does not serve kiln.status.v1.Status: \
+                 not Kiln, or Kiln without a scheduler)"
+            );
+        }
+    }
     console.out_bytes(text.as_bytes()).await?;
     Ok(EXIT_OK)
 }
@@ -176,11 +188,63 @@ pub(crate) fn describe(remote: &Remote, caps: &ServerCapabilities) -> String {
             let _ = writeln!(s, "execution: not enabled");
         }
     }
+    s
+}
+
+/// Workers, queue and running actions from `kiln.status.v1.Status`.
+pub(crate) fn describe_live(s: &mut String, st: &kiln_proto::status::StatusResponse) {
+    let slots: u32 = st.workers.iter().filter(|w| w.connected).map(|w| w.slots).sum();
+    let busy: u32 = st.workers.iter().filter(|w| w.connected).map(|w| w.busy).sum();
     let _ = writeln!(
         s,
-        "note: workers and queue are not part of REAPI; this client shows capabilities only"
+        "workers: {} ({} connected), {busy} of {slots} slots busy",
+        st.workers.len(),
+        st.workers.iter().filter(|w| w.connected).count()
     );
-    s
+    for w in &st.workers {
+        let mut state = if w.connected { "connected" } else { "disconnected" }.to_string();
+        if w.draining {
+            state.push_str(", draining");
+        }
+        let _ = writeln!(
+            s,
+            "  {}  {}/{} slots busy  load {:.2}  {state}  seen {:.0}s ago",
+            w.name, w.busy, w.slots, w.load, w.last_seen_seconds
+        );
+        if !w.properties.is_empty() {
+            let _ = writeln!(s, "    {}", w.properties.join(" "));
+        }
+    }
+    let _ = writeln!(s, "queue: {} queued, {} executing", st.queued, st.executing);
+    for q in &st.queues {
+        let platform = if q.platform.is_empty() {
+            "(no properties)"
+        } else {
+            &q.platform
+        };
+        let _ = writeln!(s, "  {platform}: {} queued", q.queued);
+    }
+    if !st.running.is_empty() {
+        let _ = writeln!(s, "running (longest first):");
+        for r in &st.running {
+            let digest = r
+                .action_digest
+                .as_ref()
+                .map(|d| format!("{}/{}", d.hash, d.size_bytes))
+                .unwrap_or_default();
+            let what = [r.mnemonic.as_str(), r.target_id.as_str()]
+                .iter()
+                .filter(|x| !x.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let _ = writeln!(
+                s,
+                "  {digest}  on {}  {:.1}s  {what}",
+                r.worker_name, r.running_seconds
+            );
+        }
+    }
 }
 
 fn yes_no(b: bool) -> &'static str {

@@ -587,26 +587,67 @@ async fn named_and_unknown_instances() -> Ran {
     Ran::Passed
 }
 
-/// `status` prints what GetCapabilities says.
+/// `status` prints what GetCapabilities says and, from a Kiln scheduler,
+/// its workers and queue; a server without `kiln.status.v1` gets a clear
+/// "not available".
 async fn status_shows_capabilities() -> Ran {
     let srv = Server::start(true).await;
-    let out = kiln(&srv.endpoint(), &["status"]).await;
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let text = out.text();
+    // The in-process worker registers shortly after the server starts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let out = kiln(&srv.endpoint(), &["status"]).await;
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let text = out.text();
+        if text.contains("workers: 1 (1 connected)") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     for want in [
         "api versions: 2.0 to 2.",
         "digest functions: sha256",
         "blake3",
         "max batch total size: 64.0 KiB (65536 bytes)",
         "execution: enabled",
-        "capabilities only",
+        "workers: 1 (1 connected), 0 of 2 slots busy",
+        "  cli-test-worker  0/2 slots busy",
+        "OSFamily=",
+        "queue: 0 queued, 0 executing",
     ] {
         assert!(text.contains(want), "{want:?} not in:\n{text}");
     }
+    // A running action is listed with its worker.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let ep = srv.endpoint();
+    let slow =
+        tokio::spawn(async move { kiln(&ep, &["exec", "--input-root", p(&root), "--", "sleep", "3"]).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = kiln(&srv.endpoint(), &["status"]).await.text();
+        if text.contains("running (longest first)") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for want in [
+        "queue: 0 queued, 1 executing",
+        "running (longest first):",
+        "on cli-test-worker",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    assert_eq!(slow.await.unwrap().code, 0);
     srv.stop().await;
     let cache_only = Server::start(false).await;
     let out = kiln(&cache_only.endpoint(), &["status"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.text().contains("execution: not enabled"), "{}", out.text());
+    assert!(
+        out.text().contains("workers and queue: not available"),
+        "{}",
+        out.text()
+    );
     cache_only.stop().await;
     Ran::Passed
 }

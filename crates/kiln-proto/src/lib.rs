@@ -22,4 +22,5 @@ pub use bazel_remote_apis::google::rpc;
 pub mod fast;
 pub mod request_info;
 pub mod rpc_details;
+pub mod status;
 pub mod worker;

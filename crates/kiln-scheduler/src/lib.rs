@@ -2,6 +2,8 @@
 //!
 //! * [`execution_service`]: REAPI Execute / WaitExecution.
 //! * [`operations_service`]: google.longrunning Operations.
+//! * [`status_service`]: `kiln.status.v1.Status` (workers, queue, running
+//!   actions) for `kiln status`.
 //! * [`worker_api`]: the server side of the worker protocol
 //!   (docs/worker-protocol.md).
 //! * [`state`]: all scheduler state behind one trait, with an in-memory
@@ -25,6 +27,7 @@ pub mod platform;
 pub mod queue;
 mod scheduler;
 pub mod state;
+pub mod status_service;
 pub mod worker_api;
 
 use std::sync::Arc;
@@ -36,13 +39,14 @@ pub use scheduler::Scheduler;
 
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::execution_server::ExecutionServer;
+use kiln_proto::status::status_server::StatusServer;
 use kiln_proto::worker::worker_api_server::WorkerApiServer;
 
 /// Largest message of the worker protocol and of Execute responses.
 pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
 
 impl Scheduler {
-    /// Adds the Execution, Operations and WorkerApi services.
+    /// Adds the Execution, Operations, WorkerApi and Status services.
     pub fn add_routes(self: &Arc<Self>, builder: &mut tonic::service::RoutesBuilder) {
         builder
             .add_service(
@@ -53,6 +57,9 @@ impl Scheduler {
                 OperationsServer::new(operations_service::OperationsService::new(self.clone()))
                     .max_encoding_message_size(MAX_MESSAGE_SIZE),
             )
+            .add_service(StatusServer::new(status_service::StatusService::new(
+                self.clone(),
+            )))
             .add_service(
                 WorkerApiServer::new(worker_api::WorkerApiService::new(self.clone()))
                     .max_decoding_message_size(MAX_MESSAGE_SIZE)

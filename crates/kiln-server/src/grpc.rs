@@ -24,6 +24,7 @@ pub const EXECUTION_SERVICE_NAMES: &[&str] = &[
     "build.bazel.remote.execution.v2.Execution",
     "google.longrunning.Operations",
     "kiln.worker.v1.WorkerApi",
+    "kiln.status.v1.Status",
 ];
 
 /// Serves until `shutdown` resolves. Every accepted socket gets

@@ -56,6 +56,7 @@ const KNOWN_SERVICES: &[&str] = &[
     "google.bytestream.ByteStream",
     "google.longrunning.Operations",
     "kiln.worker.v1.WorkerApi",
+    "kiln.status.v1.Status",
     "grpc.health.v1.Health",
 ];
 
