@@ -637,6 +637,25 @@ fn check_metric_refs(what: &str, text: &str, scrape: &str) -> usize {
     refs.len()
 }
 
+/// Fully qualified gRPC service names in the guide's inline code
+/// (`google.bytestream.ByteStream`), except the health service itself.
+fn guide_service_names() -> Vec<String> {
+    let mut names: Vec<String> = deploy::inline_code(&read("docs/operations.md"))
+        .into_iter()
+        .filter(|s| {
+            let last = s.rsplit('.').next().unwrap_or("");
+            s.contains('.')
+                && s.starts_with(|c: char| c.is_ascii_lowercase())
+                && last.starts_with(|c: char| c.is_ascii_uppercase())
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+                && s != "grpc.health.v1.Health"
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Runs one example's two commands against each other and returns the
 /// server's `/metrics` text after the workload.
 async fn run_example(ex: &Example) -> String {
@@ -668,6 +687,21 @@ async fn run_example(ex: &Example) -> String {
         .unwrap()
         .into_inner();
     assert_eq!(health.status, ServingStatus::Serving as i32);
+    // Every gRPC service the guide names is served (this server has a
+    // scheduler, so all of them).
+    let mut health = HealthClient::new(kiln.channel().await);
+    let services = guide_service_names();
+    assert!(services.len() >= 8, "{services:?}");
+    for service in services {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("docs/operations.md names {service}, which is not served: {e}"))
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
+    }
 
     // The worker, as the example starts it; as the manifest's non-root
     // user when we are root (systemd's User= is a system user alike).
