@@ -319,10 +319,10 @@ async fn serve(cfg: config::Config, args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("kiln: data directory {}", server.data_dir.display());
-    println!("kiln: grpc listening on {}", server.grpc_addr);
-    println!("kiln: http listening on {}", server.http_addr);
-    println!("kiln: dashboard http://{}/", server.http_addr);
+    banner(&format!("kiln: data directory {}", server.data_dir.display()));
+    banner(&format!("kiln: grpc listening on {}", server.grpc_addr));
+    banner(&format!("kiln: http listening on {}", server.http_addr));
+    banner(&format!("kiln: dashboard http://{}/", server.http_addr));
     let mut names: Vec<String> = server.instances.iter().map(|i| i.name.clone()).collect();
     names.sort();
     for name in names {
@@ -336,7 +336,10 @@ async fn serve(cfg: config::Config, args: ServeArgs) -> ExitCode {
         } else {
             "--remote_cache"
         };
-        println!("kiln: bazel flags: {flag}=grpc://{}{instance}", server.grpc_addr);
+        banner(&format!(
+            "kiln: bazel flags: {flag}=grpc://{}{instance}",
+            server.grpc_addr
+        ));
     }
     wait_for_signal().await;
     eprintln!("kiln: shutting down");
@@ -352,6 +355,16 @@ async fn serve(cfg: config::Config, args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a start-up line. A closed or broken standard output (a
+/// supervisor that stopped reading) must not take the server down, so
+/// write errors are ignored.
+fn banner(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 async fn wait_for_signal() {

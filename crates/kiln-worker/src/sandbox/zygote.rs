@@ -188,8 +188,9 @@ fn serve(sock: &mut UnixStream, o: &ZygoteOptions, scratch: &[Scratch]) -> Resul
                     Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => running = Some(r),
                     Ok(status) => {
                         let (kind, body, unclean) = finish(r, status, scratch, &o.root);
-                        protocol::write_frame(sock, kind, &body)
-                            .map_err(|e| format!("answering the worker: {e}"))?;
+                        if protocol::write_frame(sock, kind, &body).is_err() {
+                            return Ok(0); // the worker went away
+                        }
                         if let Some(e) = unclean {
                             // The slot is not clean: it must not run
                             // another action. The worker starts a new
@@ -200,8 +201,9 @@ fn serve(sock: &mut UnixStream, o: &ZygoteOptions, scratch: &[Scratch]) -> Resul
                     }
                     Err(e) => {
                         let msg = format!("waiting for the action's init: {e}");
-                        protocol::write_frame(sock, Kind::Failed, msg.as_bytes())
-                            .map_err(|e| format!("answering the worker: {e}"))?;
+                        if protocol::write_frame(sock, Kind::Failed, msg.as_bytes()).is_err() {
+                            return Ok(0); // the worker went away
+                        }
                     }
                 }
             }
@@ -216,17 +218,25 @@ fn serve(sock: &mut UnixStream, o: &ZygoteOptions, scratch: &[Scratch]) -> Resul
                 }
             };
             match frame.kind {
-                Kind::Run if running.is_some() => {
-                    protocol::write_frame(sock, Kind::Failed, b"the slot is already running an action")
-                        .map_err(|e| format!("answering the worker: {e}"))?;
-                }
-                Kind::Run => match start(frame, o, &mut stack) {
-                    Ok(r) => running = Some(r),
-                    Err(e) => {
-                        protocol::write_frame(sock, Kind::Failed, e.as_bytes())
-                            .map_err(|e| format!("answering the worker: {e}"))?;
+                Kind::Run => {
+                    let refusal = if running.is_some() {
+                        Some("the slot is already running an action".to_string())
+                    } else {
+                        match start(frame, o, &mut stack) {
+                            Ok(r) => {
+                                running = Some(r);
+                                None
+                            }
+                            Err(e) => Some(e),
+                        }
+                    };
+                    if let Some(msg) = refusal
+                        && protocol::write_frame(sock, Kind::Failed, msg.as_bytes()).is_err()
+                    {
+                        kill_and_reap(running.take());
+                        return Ok(0); // the worker went away
                     }
-                },
+                }
                 Kind::Terminate => {
                     if let Some(r) = &running {
                         let _ = kill(r.pid, Signal::SIGTERM);
