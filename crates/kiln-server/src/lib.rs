@@ -2,6 +2,7 @@
 //! instances it declares, and serves the REAPI services over gRPC and
 //! health over HTTP.
 
+pub mod call_context;
 pub mod config;
 mod data_dir;
 mod error;

@@ -5,6 +5,14 @@
 //!   the per-call span enabled (`kiln::grpc=debug`, e.g. `--log-level
 //!   info,kiln::grpc=debug`) a log line inside a gRPC call carries the
 //!   call's method and RequestMetadata (see [`crate::metrics::grpc_calls`]).
+//! * A log line emitted inside a gRPC call (by the call's handler or while
+//!   its response streams) also shows the call: its `method` and the
+//!   client's RequestMetadata (`tool_invocation_id`,
+//!   `correlated_invocations_id`, `action_mnemonic`, `target_id`), at every
+//!   level, from [`crate::call_context`] — appended as `request{...}` to a
+//!   human line, as a `request` object in JSON. (When the per-call DEBUG
+//!   span is enabled its fields already show them and nothing is added.)
+//!   Such human lines are written without colours.
 //! * The filter (tracing `EnvFilter` syntax, e.g. `info` or
 //!   `warn,kiln::grpc=info`) comes from `--log-level`, else the `KILN_LOG`
 //!   environment variable, else `RUST_LOG`, else `info`.
@@ -27,7 +35,13 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+use tracing_subscriber::registry::LookupSpan;
+
 use crate::ServerError;
+use crate::call_context;
 
 /// Environment variables read for the log filter, in order.
 pub const LOG_ENV_VARS: [&str; 2] = ["KILN_LOG", "RUST_LOG"];
@@ -138,10 +152,18 @@ pub fn init(options: &TelemetryOptions) -> Result<Telemetry, ServerError> {
         LogFormat::Human => tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr)
+            .event_format(WithCall {
+                inner: tracing_subscriber::fmt::format::Format::default().with_ansi(ansi),
+                json: false,
+            })
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
+            .event_format(WithCall {
+                inner: tracing_subscriber::fmt::format::Format::default().json(),
+                json: true,
+            })
             .boxed(),
     };
     let endpoint = options
@@ -172,6 +194,56 @@ pub fn init(options: &TelemetryOptions) -> Result<Telemetry, ServerError> {
     Ok(Telemetry {
         provider: Some(provider),
     })
+}
+
+/// An event formatter adding the current gRPC call's fields (see the
+/// module documentation) to what `inner` writes.
+struct WithCall<F> {
+    inner: F,
+    json: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for WithCall<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let call = call_context::current();
+        let in_call_span = || {
+            ctx.event_scope().is_some_and(|mut scope| {
+                scope.any(|span| {
+                    span.name() == "grpc"
+                        && span.metadata().target() == crate::metrics::grpc_calls::SPAN_TARGET
+                })
+            })
+        };
+        let Some(call) = call.filter(|_| !in_call_span()) else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.inner.format_event(ctx, Writer::new(&mut line), event)?;
+        let fields = call.log_fields();
+        let body = line.trim_end_matches('\n');
+        if self.json
+            && let Ok(serde_json::Value::Object(mut object)) = serde_json::from_str::<serde_json::Value>(body)
+        {
+            let request: serde_json::Map<String, serde_json::Value> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+                .collect();
+            object.insert("request".into(), serde_json::Value::Object(request));
+            return writeln!(writer, "{}", serde_json::Value::Object(object));
+        }
+        let shown: Vec<String> = fields.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        writeln!(writer, "{body} request{{{}}}", shown.join(" "))
+    }
 }
 
 #[cfg(test)]

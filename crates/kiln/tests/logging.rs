@@ -1,4 +1,6 @@
-//! Tracing on the real binary: every gRPC call runs in a span carrying the
+//! Tracing on the real binary: a log line emitted inside a gRPC call shows
+//! the call and its RequestMetadata, with or without the per-call span;
+//! every gRPC call can run in a span carrying the
 //! client's RequestMetadata, so a log line emitted inside a call (here
 //! GetTree's debug line about a missing directory, emitted while its
 //! response streams) shows them; and with an OTLP endpoint configured the
@@ -71,21 +73,12 @@ fn with_metadata<T>(message: T, md: &RequestMetadata) -> tonic::Request<T> {
     req
 }
 
-#[tokio::test]
-async fn log_lines_inside_a_call_carry_its_request_metadata() {
+/// Runs kiln with `log_args`, makes a GetTree call with RequestMetadata
+/// whose streamed response logs (at debug, target kiln_cache) that it
+/// skips a missing directory, and returns that log line and the metadata.
+async fn missing_directory_log_line(log_args: &[&str]) -> (String, RequestMetadata) {
     let dir = tempfile::tempdir().unwrap();
-    let kiln = KilnProcess::with_config_and(
-        dir.path(),
-        CONFIG,
-        &[
-            "--log-format",
-            "json",
-            "--log-level",
-            "info,kiln_cache=debug,kiln::grpc=debug",
-        ],
-        &[],
-        true,
-    );
+    let kiln = KilnProcess::with_config_and(dir.path(), CONFIG, log_args, &[], true);
     let stderr = kiln.stderr.as_ref().expect("stderr is captured");
     let mut cas = ContentAddressableStorageClient::new(kiln.channel().await);
 
@@ -132,7 +125,7 @@ async fn log_lines_inside_a_call_carry_its_request_metadata() {
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
-    let line = loop {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match stderr.recv_timeout(left) {
             Ok(l) => l,
@@ -142,10 +135,22 @@ async fn log_lines_inside_a_call_carry_its_request_metadata() {
             ),
         };
         if line.contains("directory missing") {
-            break line;
+            return (line, md);
         }
         seen.push(line);
-    };
+    }
+}
+
+#[tokio::test]
+async fn log_lines_inside_a_call_carry_its_request_metadata() {
+    // With the per-call span enabled, the line carries it with its fields.
+    let (line, md) = missing_directory_log_line(&[
+        "--log-format",
+        "json",
+        "--log-level",
+        "info,kiln_cache=debug,kiln::grpc=debug",
+    ])
+    .await;
     let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(json["level"], "DEBUG", "{line}");
     let span = &json["span"];
@@ -163,6 +168,42 @@ async fn log_lines_inside_a_call_carry_its_request_metadata() {
     );
     assert_eq!(span["action_mnemonic"], "CppCompile", "{line}");
     assert_eq!(span["target_id"], md.target_id.as_str(), "{line}");
+    assert!(json.get("request").is_none(), "shown once, in the span: {line}");
+}
+
+/// Without the per-call span (the default), a line inside a call still
+/// shows the call and its RequestMetadata, in JSON and in human format.
+#[tokio::test]
+async fn request_metadata_is_in_log_lines_without_the_per_call_span() {
+    let (line, md) =
+        missing_directory_log_line(&["--log-format", "json", "--log-level", "info,kiln_cache=debug"]).await;
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(json.get("span").is_none(), "no span was enabled: {line}");
+    let request = &json["request"];
+    assert_eq!(request["method"], "ContentAddressableStorage/GetTree", "{line}");
+    assert_eq!(
+        request["tool_invocation_id"],
+        md.tool_invocation_id.as_str(),
+        "{line}"
+    );
+    assert_eq!(
+        request["correlated_invocations_id"],
+        md.correlated_invocations_id.as_str(),
+        "{line}"
+    );
+    assert_eq!(request["action_mnemonic"], "CppCompile", "{line}");
+    assert_eq!(request["target_id"], md.target_id.as_str(), "{line}");
+
+    let (line, md) = missing_directory_log_line(&["--log-level", "info,kiln_cache=debug"]).await;
+    for want in [
+        "method=ContentAddressableStorage/GetTree".to_string(),
+        format!("tool_invocation_id={}", md.tool_invocation_id),
+        "action_mnemonic=CppCompile".to_string(),
+        format!("target_id={}", md.target_id),
+    ] {
+        assert!(line.contains(&want), "{want:?} not in {line}");
+    }
+    assert!(line.contains(" request{"), "{line}");
 }
 
 /// The string attributes of a span.

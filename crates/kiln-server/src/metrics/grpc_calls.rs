@@ -38,6 +38,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tracing::Span;
 
+use crate::call_context::{self, CallContext};
+
 /// Target of the per-call span (for log filters such as `kiln::grpc=off`).
 pub const SPAN_TARGET: &str = "kiln::grpc";
 /// Level of the per-call span.
@@ -164,7 +166,7 @@ fn method_label(path: &str) -> Option<String> {
 /// `ActionCache/GetActionResult` for
 /// `/build.bazel.remote.execution.v2.ActionCache/GetActionResult` (a slice,
 /// no allocation).
-fn short_method(path: &str) -> &str {
+pub(crate) fn short_method(path: &str) -> &str {
     let path = path.strip_prefix('/').unwrap_or(path);
     match path.split_once('/') {
         Some((service, _)) => match service.rfind('.') {
@@ -305,15 +307,17 @@ where
             }
         });
         let span = call_span(req.uri().path(), req.headers());
+        let call = Arc::new(CallContext::new(req.uri(), req.headers()));
         let inner = {
             let _entered = span.enter();
-            self.inner.call(req)
+            call_context::scope(&call, || self.inner.call(req))
         };
         CallFuture {
             inner,
             start: Instant::now(),
             pending,
             span,
+            call,
         }
     }
 }
@@ -326,6 +330,7 @@ pin_project! {
         start: Instant,
         pending: Option<Pending>,
         span: Span,
+        call: Arc<CallContext>,
     }
 }
 
@@ -339,13 +344,15 @@ where
         let this = self.project();
         let result = {
             let _entered = this.span.enter();
-            ready!(this.inner.poll(cx))
+            let inner = this.inner;
+            ready!(call_context::scope(this.call, || inner.poll(cx)))
         };
         let pending = this.pending.take();
         if let Some(p) = &pending {
             p.method.duration.observe(this.start.elapsed().as_secs_f64());
         }
         let span = std::mem::replace(this.span, Span::none());
+        let call = this.call.clone();
         Poll::Ready(result.map(|response| {
             // A trailers-only response carries its status in the headers.
             let pending = match (pending, grpc_code(response.headers())) {
@@ -355,7 +362,12 @@ where
                 }
                 (p, _) => p,
             };
-            response.map(|inner| CallBody { inner, pending, span })
+            response.map(|inner| CallBody {
+                inner,
+                pending,
+                span,
+                call,
+            })
         }))
     }
 }
@@ -368,6 +380,7 @@ pin_project! {
         inner: B,
         pending: Option<Pending>,
         span: Span,
+        call: Arc<CallContext>,
     }
 }
 
@@ -382,7 +395,8 @@ impl<B: Body> Body for CallBody<B> {
         let this = self.project();
         let frame = {
             let _entered = this.span.enter();
-            ready!(this.inner.poll_frame(cx))
+            let inner = this.inner;
+            ready!(call_context::scope(this.call, || inner.poll_frame(cx)))
         };
         if let Some(Ok(f)) = &frame
             && let Some(trailers) = f.trailers_ref()
@@ -477,6 +491,10 @@ mod tests {
                 method,
             }),
             span: Span::none(),
+            call: Arc::new(CallContext::new(
+                &"/x.Y/Z".parse().unwrap(),
+                &http::HeaderMap::new(),
+            )),
         });
         futures::executor::block_on(async {
             while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
