@@ -27,6 +27,9 @@ pub struct Overrides {
     pub sandbox_helper: Option<Vec<String>>,
 }
 
+/// Time in-flight calls get to finish after the workers have drained.
+pub const LISTENER_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A started server: its bound addresses and a way to stop it.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
@@ -38,9 +41,18 @@ pub struct RunningServer {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), ServerError>>>,
     worker_tasks: Vec<JoinHandle<()>>,
+    /// The longest `drain_timeout` of the in-process workers.
+    drain: std::time::Duration,
 }
 
 impl RunningServer {
+    /// How long a graceful stop may take: the in-process workers' drain
+    /// (running actions finish or are handed back), then
+    /// [`LISTENER_STOP_GRACE`] for in-flight calls.
+    pub fn stop_budget(&self) -> std::time::Duration {
+        self.drain + LISTENER_STOP_GRACE
+    }
+
     /// Asks both listeners to stop accepting and finish in-flight calls.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
@@ -238,5 +250,11 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
         shutdown,
         tasks: vec![grpc_task, http_task],
         worker_tasks,
+        drain: config
+            .workers
+            .iter()
+            .map(|w| w.drain_timeout)
+            .max()
+            .unwrap_or_default(),
     })
 }

@@ -468,3 +468,63 @@ async fn killing_a_zygote_kills_its_action_and_the_slot_recovers() {
     assert!(!exec.sandbox().zygote_pids().contains(&zygote));
     assert!(slots_are_clean(&tmp.path().join("work")));
 }
+
+/// A command started directly (no shell in between) gets SIGTERM on
+/// timeout and, with its default disposition, dies of it at once: not of
+/// the SIGKILL that follows the grace period. It starts with no blocked and
+/// no ignored signals, whatever init or the worker had.
+#[tokio::test]
+async fn timeout_terminates_a_direct_command_with_sigterm() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.sandbox.kill_grace = Duration::from_secs(20);
+    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    let root = TreeSpec::default().upload(&cas).await;
+
+    let mut signals = sh("");
+    signals.arguments = vec![
+        "grep".into(),
+        "-E".into(),
+        "^Sig(Blk|Ign)".into(),
+        "/proc/self/status".into(),
+    ];
+    let resp = run(&exec, job(&cas, signals, root.clone(), T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let out = stdout_of(&cas, &resp).await;
+    let mask = |name: &str| {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{out}"));
+        u64::from_str_radix(line.rsplit('\t').next().unwrap(), 16).unwrap()
+    };
+    assert_eq!(mask("SigBlk:"), 0, "{out}");
+    // Signals 1-31; 32 and 33 are glibc's own and stay as they are.
+    assert_eq!(mask("SigIgn:") & 0x7fff_ffff, 0, "{out}");
+
+    let tok = token();
+    let mut sleep = sh("");
+    sleep.arguments = vec!["sleep".into(), tok.clone()];
+    let start = Instant::now();
+    let resp = run(&exec, job(&cas, sleep, root, Duration::from_secs(1)).await).await;
+    let took = start.elapsed();
+    assert_eq!(
+        code(&resp),
+        tonic::Code::DeadlineExceeded as i32,
+        "{:?}",
+        resp.status
+    );
+    assert_eq!(
+        resp.result.as_ref().unwrap().exit_code,
+        128 + 15,
+        "killed by SIGTERM"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "waited for the 20 s grace: {took:?}"
+    );
+    wait_gone(&tok).await;
+}

@@ -344,14 +344,20 @@ async fn serve(cfg: config::Config, args: ServeArgs) -> ExitCode {
     wait_for_signal().await;
     eprintln!("kiln: shutting down");
     server.shutdown();
-    match tokio::time::timeout(std::time::Duration::from_secs(30), server.wait()).await {
+    // In-process workers drain first (up to their drain_timeout), then the
+    // listeners finish in-flight calls.
+    let budget = server.stop_budget();
+    match tokio::time::timeout(budget, server.wait()).await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("kiln: {e}");
             ExitCode::FAILURE
         }
         Err(_) => {
-            eprintln!("kiln: in-flight calls did not finish within 30 s; exiting");
+            eprintln!(
+                "kiln: workers and in-flight calls did not finish within {} s; exiting",
+                budget.as_secs()
+            );
             ExitCode::FAILURE
         }
     }

@@ -14,12 +14,11 @@
 //!   signal is lost between the clone and the first poll) and read from a
 //!   signalfd. A blocked signal is queued even for the init of a PID
 //!   namespace, which would otherwise drop an unhandled SIGTERM. The
-//!   command starts with an empty signal mask (std resets it before exec).
+//!   command starts with an empty signal mask and default dispositions
+//!   ([`super::spawn`]).
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -102,43 +101,28 @@ fn run(spec: &InitSpec<'_>) -> Result<Finished, String> {
     )
     .map_err(errno("signalfd"))?;
     let req = spec.request;
-    let Some((program, args)) = req.argv.split_first() else {
+    if req.argv.is_empty() {
         return Err("no command given".into());
-    };
+    }
     std::env::set_current_dir(&req.cwd)
         .map_err(|e| format!("entering the working directory {}: {e}", req.cwd))?;
     // Nothing the action runs can gain privileges (setuid binaries, file
     // capabilities).
     nix::sys::prctl::set_no_new_privs().map_err(errno("prctl(PR_SET_NO_NEW_PRIVS)"))?;
 
-    let dup = |fd: &OwnedFd, what: &str| fd.try_clone().map_err(|e| format!("dup of {what}: {e}"));
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(dup(spec.stdout, "stdout")?))
-        .stderr(Stdio::from(dup(spec.stderr, "stderr")?))
-        .env_clear()
-        .envs(req.env());
-    if !spec.pidns {
-        cmd.process_group(0);
-    }
-    let child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
+    let env: Vec<(&str, &str)> = req.env().collect();
+    let main_pid = match super::spawn::spawn(&req.argv, &env, spec.stdout, spec.stderr, !spec.pidns) {
+        Ok(pid) => pid,
+        Err(f) => {
             // Like a shell: 127 for a command not found, 126 otherwise.
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-            let mut err = std::fs::File::from(dup(spec.stderr, "stderr")?);
-            let _ = writeln!(err, "kiln: cannot execute {program:?}: {e}");
-            return Ok(usage_record(code, 0));
+            let dup = spec
+                .stderr
+                .try_clone()
+                .map_err(|e| format!("dup of stderr: {e}"))?;
+            let _ = writeln!(std::fs::File::from(dup), "kiln: {}", f.message);
+            return Ok(usage_record(f.code, 0));
         }
     };
-    let main_pid = Pid::from_raw(child.id() as i32);
-    // Reaped below with waitpid(-1): the std handle is not used again.
-    drop(child);
 
     let kill_all = |sig: Signal| {
         if spec.pidns {

@@ -46,6 +46,7 @@ mod init;
 mod mounts;
 mod netlink;
 pub mod protocol;
+mod spawn;
 mod zygote;
 mod zygote_process;
 
