@@ -19,6 +19,7 @@ pub mod existence_cache;
 pub mod memory;
 pub mod task;
 pub mod tiered;
+pub mod touch_behind;
 mod types;
 
 pub use error::{StoreError, StoreResult};

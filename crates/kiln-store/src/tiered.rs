@@ -12,6 +12,9 @@
 //! * A failing fast tier never fails a request: the slow tier answers.
 //! * `stats()` reports the slow tier (the durable contents); the fast tier
 //!   has its own stats if it is wired to metrics separately.
+//! * What the fast tier serves (reads, existence checks) is reported to the
+//!   slow tier in the background ([`crate::touch_behind`]), so a blob in
+//!   use stays recent in the durable tier too.
 
 use std::sync::Arc;
 
@@ -20,17 +23,42 @@ use bytes::Bytes;
 use futures::StreamExt;
 use kiln_digest::BlobKey;
 
+use crate::touch_behind::{self, TouchQueue};
 use crate::{Blob, BlobRead, BlobWriter, ChunkStream, Encoding, Store, StoreError, StoreResult, StoreStats};
 
 /// A fast store caching a slow one.
 pub struct TieredStore {
     fast: Arc<dyn Store>,
     slow: Arc<dyn Store>,
+    /// Keys the fast tier served, for the slow tier's recency.
+    touched: Option<Arc<TouchQueue>>,
 }
 
 impl TieredStore {
+    /// Reports fast-tier hits to the slow tier every second.
     pub fn new(fast: Arc<dyn Store>, slow: Arc<dyn Store>) -> Self {
-        TieredStore { fast, slow }
+        Self::with_touch_interval(fast, slow, Some(touch_behind::DEFAULT_INTERVAL))
+    }
+
+    /// `touch_interval`: how often fast-tier hits are reported to the slow
+    /// tier (`None`: never).
+    pub fn with_touch_interval(
+        fast: Arc<dyn Store>,
+        slow: Arc<dyn Store>,
+        touch_interval: Option<std::time::Duration>,
+    ) -> Self {
+        let touched = touch_interval.map(|interval| {
+            let q = Arc::new(TouchQueue::default());
+            TouchQueue::start(&q, slow.clone(), interval);
+            q
+        });
+        TieredStore { fast, slow, touched }
+    }
+
+    fn touched<'a>(&self, keys: impl IntoIterator<Item = &'a BlobKey>) {
+        if let Some(q) = &self.touched {
+            q.record(keys);
+        }
     }
 }
 
@@ -71,6 +99,7 @@ impl Store for TieredStore {
                 vec![false; keys.len()]
             }
         };
+        self.touched(keys.iter().zip(&found).filter(|(_, f)| **f).map(|(k, _)| k));
         let missing: Vec<usize> = (0..keys.len()).filter(|&i| !found[i]).collect();
         if missing.is_empty() {
             return Ok(found);
@@ -92,7 +121,10 @@ impl Store for TieredStore {
 
     async fn get(&self, key: &BlobKey) -> StoreResult<Option<Blob>> {
         match self.fast.get(key).await {
-            Ok(Some(blob)) => return Ok(Some(blob)),
+            Ok(Some(blob)) => {
+                self.touched([key]);
+                return Ok(Some(blob));
+            }
             Ok(None) => {}
             Err(e) => log_fast_error("get", key, &e),
         }
@@ -107,7 +139,10 @@ impl Store for TieredStore {
 
     async fn read(&self, key: &BlobKey, offset: u64) -> StoreResult<Option<BlobRead>> {
         match self.fast.read(key, offset).await {
-            Ok(Some(read)) => return Ok(Some(read)),
+            Ok(Some(read)) => {
+                self.touched([key]);
+                return Ok(Some(read));
+            }
             Ok(None) => {}
             Err(e) => log_fast_error("read", key, &e),
         }

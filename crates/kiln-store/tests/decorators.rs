@@ -130,7 +130,8 @@ async fn tiered_has_many_asks_slow_only_for_misses() {
     let fast = Arc::new(MemoryStore::new(1 << 20));
     let slow_mem = Arc::new(MemoryStore::new(1 << 20));
     let slow = Counting::new(slow_mem.clone());
-    let tiered = TieredStore::new(fast.clone(), slow.clone());
+    // No touch-behind rounds here: they would ask the slow tier too.
+    let tiered = TieredStore::with_touch_interval(fast.clone(), slow.clone(), None);
     let (a, b, c) = (text(1, 100), text(2, 100), text(3, 100));
     let (ka, kb, kc) = (key_of(&a), key_of(&b), key_of(&c));
     fast.put(&ka, Blob::identity(a)).await.unwrap();
@@ -455,4 +456,46 @@ async fn existence_cache_is_bounded() {
     // At most 32 entries are remembered (16 shards of 2).
     assert!(asked >= 500 - 32, "asked {asked}");
     assert!(asked < 500, "some entries should be remembered");
+}
+
+/// A blob used only through the fast tier stays recent in the durable
+/// tier (touch-behind): without it, newer writes evict it from the disk
+/// while memory still serves it.
+#[tokio::test]
+async fn tiered_fast_hits_keep_the_blob_recent_in_the_slow_tier() {
+    use kiln_store::disk::{DiskConfig, DiskStore};
+    for touch in [Some(Duration::from_millis(10)), None] {
+        let dir = tempfile::tempdir().unwrap();
+        let slow = DiskStore::open(DiskConfig {
+            root: dir.path().join("disk"),
+            capacity_bytes: 40 * 1024,
+            sync_writes: false,
+        })
+        .await
+        .unwrap();
+        let fast = Arc::new(MemoryStore::new(1 << 20));
+        let tiered = TieredStore::with_touch_interval(fast.clone(), slow.clone(), touch);
+        let hot = text(0, 4096);
+        let hot_key = key_of(&hot);
+        tiered.put(&hot_key, Blob::identity(hot.clone())).await.unwrap();
+        // 30 newer 4 KiB blobs through a 40 KiB disk: without refreshes the
+        // hot blob is the oldest and goes first.
+        for i in 1..=30u64 {
+            assert!(present(&tiered, &hot_key).await);
+            assert_eq!(tiered.get(&hot_key).await.unwrap().unwrap().data, hot);
+            let b = text(i, 4096);
+            tiered.put(&key_of(&b), Blob::identity(b)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let on_disk = present(slow.as_ref(), &hot_key).await;
+        let first = text(1, 4096);
+        assert!(
+            !present(slow.as_ref(), &key_of(&first)).await,
+            "the disk evicted old blobs"
+        );
+        match touch {
+            Some(_) => assert!(on_disk, "the hot blob was evicted from the durable tier"),
+            None => assert!(!on_disk, "without touch-behind the hot blob is evicted (control)"),
+        }
+    }
 }
