@@ -209,7 +209,11 @@ pub(crate) fn describe_live(s: &mut String, st: &kiln_proto::status::StatusRespo
         let _ = writeln!(
             s,
             "  {}  {}/{} slots busy  load {:.2}  {state}  seen {:.0}s ago",
-            w.name, w.busy, w.slots, w.load, w.last_seen_seconds
+            w.name.escape_debug(),
+            w.busy,
+            w.slots,
+            w.load,
+            w.last_seen_seconds
         );
         if !w.properties.is_empty() {
             let _ = writeln!(s, "    {}", w.properties.join(" "));
@@ -232,10 +236,11 @@ pub(crate) fn describe_live(s: &mut String, st: &kiln_proto::status::StatusRespo
                 .as_ref()
                 .map(|d| format!("{}/{}", d.hash, d.size_bytes))
                 .unwrap_or_default();
+            // Client-supplied strings: control characters escaped.
             let what = [r.mnemonic.as_str(), r.target_id.as_str()]
                 .iter()
                 .filter(|x| !x.is_empty())
-                .copied()
+                .map(|x| x.escape_debug().to_string())
                 .collect::<Vec<_>>()
                 .join(" ");
             let _ = writeln!(

@@ -29,7 +29,7 @@ pub async fn serve(
     instances: Arc<Instances>,
     stores: BTreeMap<String, Arc<dyn Store>>,
     server_metrics: Arc<crate::metrics::ServerMetrics>,
-    dashboard: Router,
+    dashboard: Option<Router>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let stores = Arc::new(stores);
@@ -44,7 +44,7 @@ pub async fn serve(
         .route("/stats", get(stats))
         .route("/metrics", get(metrics_text))
         .with_state(state)
-        .merge(dashboard);
+        .merge(dashboard.unwrap_or_default());
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on an HTTP connection");
@@ -114,4 +114,47 @@ async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
             )
         }
     }
+}
+
+/// Restricts `router` to requests whose `Host` names the loopback address
+/// it is served on, when `addr` is a loopback address: a web page from
+/// elsewhere that rebinds its own DNS name to 127.0.0.1 (DNS rebinding)
+/// cannot read the dashboard through the user's browser. Other addresses
+/// are served as they are (they are reachable by name anyway).
+pub fn loopback_only(router: Router, addr: std::net::SocketAddr) -> Router {
+    if !addr.ip().is_loopback() {
+        return router;
+    }
+    let port = addr.port();
+    let allowed: Arc<Vec<String>> = Arc::new(
+        ["127.0.0.1", "localhost", "[::1]"]
+            .iter()
+            .flat_map(|h| [format!("{h}:{port}"), h.to_string()])
+            .chain(std::iter::once(addr.to_string()))
+            .collect(),
+    );
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let allowed = allowed.clone();
+            async move {
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_ascii_lowercase);
+                match host {
+                    Some(h) if allowed.contains(&h) => next.run(req).await,
+                    _ => (
+                        StatusCode::FORBIDDEN,
+                        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!(
+                            "the dashboard answers only requests for http://127.0.0.1:{port}/ or \
+                             http://localhost:{port}/ (the Host header named another host)\n"
+                        ),
+                    )
+                        .into_response(),
+                }
+            }
+        },
+    ))
 }

@@ -10,6 +10,7 @@ use kiln_scheduler::Scheduler;
 use kiln_worker::link::{CommandStream, SchedulerLink};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
+use tracing::Instrument;
 
 pub struct InProcessScheduler {
     scheduler: Arc<Scheduler>,
@@ -24,6 +25,11 @@ impl InProcessScheduler {
 #[tonic::async_trait]
 impl SchedulerLink for InProcessScheduler {
     async fn open(&self, outbound: ReceiverStream<WorkerUpdate>) -> Result<CommandStream, Status> {
-        kiln_scheduler::worker_api::open_session(self.scheduler.clone(), outbound.map(Ok)).await
+        // The scheduler's side of the session is not part of the worker's
+        // work: its own root span, not a child of the worker's.
+        let span = tracing::info_span!(parent: None, "scheduler-session");
+        kiln_scheduler::worker_api::open_session(self.scheduler.clone(), outbound.map(Ok))
+            .instrument(span)
+            .await
     }
 }

@@ -38,7 +38,10 @@ pub struct RunningServer {
     pub instances: Arc<Instances>,
     /// The scheduler, when the config enables remote execution.
     pub scheduler: Option<Arc<Scheduler>>,
-    shutdown: watch::Sender<bool>,
+    /// Stops the in-process workers (they drain first).
+    stop_workers: watch::Sender<bool>,
+    /// Stops the listeners, once the workers are done with them.
+    stop_listeners: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), ServerError>>>,
     worker_tasks: Vec<JoinHandle<()>>,
     /// The longest `drain_timeout` of the in-process workers.
@@ -53,18 +56,21 @@ impl RunningServer {
         self.drain + LISTENER_STOP_GRACE
     }
 
-    /// Asks both listeners to stop accepting and finish in-flight calls.
+    /// Starts a graceful stop: in-process workers drain (running actions
+    /// finish, reporting and uploading through the still open listeners,
+    /// or are handed back); [`RunningServer::wait`] then stops the
+    /// listeners, which finish their in-flight calls.
     pub fn shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        let _ = self.stop_workers.send(true);
     }
 
-    /// Waits until both listeners have stopped; the first error wins.
+    /// Waits for the workers to drain, then stops the listeners and waits
+    /// for them; the first error wins.
     pub async fn wait(self) -> Result<(), ServerError> {
-        // Workers drain first (finishing or handing back their actions)
-        // while the listeners still serve them.
         for w in self.worker_tasks {
             let _ = w.await;
         }
+        let _ = self.stop_listeners.send(true);
         let mut result = Ok(());
         for task in self.tasks {
             let r = match task.await {
@@ -124,6 +130,14 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
         .clone()
         .unwrap_or_else(|| data_dir::resolve(config.server.data_dir.as_ref()));
     let stores = build_stores(&config, &data_dir).await?;
+    let disk_roots: Vec<PathBuf> = config
+        .stores
+        .values()
+        .filter_map(|s| match s {
+            crate::config::StoreConfig::Disk(d) => Some(data_dir.join(&d.path)),
+            _ => None,
+        })
+        .collect();
     let limits = CacheLimits {
         max_batch_total_size_bytes: config.limits.max_batch_total_size.bytes(),
         max_cas_blob_size_bytes: config.limits.max_cas_blob_size.bytes(),
@@ -174,12 +188,17 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
     let grpc_addr = local(&grpc_listener)?;
     let http_addr = local(&http_listener)?;
 
-    let (shutdown, rx) = watch::channel(false);
+    let (stop_workers, workers_rx) = watch::channel(false);
+    let (stop_listeners, rx) = watch::channel(false);
     let mut worker_tasks = Vec::new();
     for (i, wc) in config.workers.iter().enumerate() {
         let mut wc = wc.clone();
         wc.work_dir = data_dir.join(&wc.work_dir);
         wc.cache_dir = data_dir.join(&wc.cache_dir);
+        // Actions of an in-process worker must not read this server's
+        // stores: hide the data directory and every disk store's root.
+        wc.sandbox.hide.push(data_dir.clone());
+        wc.sandbox.hide.extend(disk_roots.iter().cloned());
         if wc.sandbox.helper.is_empty()
             && let Some(h) = &overrides.sandbox_helper
         {
@@ -199,7 +218,7 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
             None => Box::new(endpoint.connect_lazy()),
         };
         let cas_channel = endpoint.connect_lazy();
-        let stop = signal(&rx);
+        let stop = signal(&workers_rx);
         worker_tasks.push(kiln_store::task::spawn("in-process-worker", async move {
             if let Err(e) = kiln_worker::run_worker(wc, scheduler_link, cas_channel, stop).await {
                 tracing::error!(worker = i, error = %e, "in-process worker stopped");
@@ -223,12 +242,17 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
     );
     let named_stores: std::collections::BTreeMap<String, Arc<dyn kiln_store::Store>> =
         stores.by_name.into_iter().collect();
-    let dashboard = kiln_dashboard::router(kiln_dashboard::DashboardContext::new(
-        instances.clone(),
-        scheduler.clone(),
-        named_stores.clone(),
-        rx.clone(),
-    ));
+    let dashboard = config.server.dashboard.then(|| {
+        crate::http::loopback_only(
+            kiln_dashboard::router(kiln_dashboard::DashboardContext::new(
+                instances.clone(),
+                scheduler.clone(),
+                named_stores.clone(),
+                rx.clone(),
+            )),
+            http_addr,
+        )
+    });
     let http_task = spawn_listener(
         "http-listener",
         http::serve(
@@ -247,7 +271,8 @@ pub async fn start(config: Config, overrides: Overrides) -> Result<RunningServer
         data_dir,
         instances,
         scheduler,
-        shutdown,
+        stop_workers,
+        stop_listeners,
         tasks: vec![grpc_task, http_task],
         worker_tasks,
         drain: config

@@ -241,7 +241,12 @@ where
             object.insert("request".into(), serde_json::Value::Object(request));
             return writeln!(writer, "{}", serde_json::Value::Object(object));
         }
-        let shown: Vec<String> = fields.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // Client-supplied strings: control characters escaped, so that a
+        // RequestMetadata field cannot forge log lines or terminal codes.
+        let shown: Vec<String> = fields
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", v.escape_debug()))
+            .collect();
         writeln!(writer, "{body} request{{{}}}", shown.join(" "))
     }
 }

@@ -129,6 +129,26 @@ pub struct SandboxConfig {
     #[serde(default = "default_kill_grace", with = "human_duration")]
     #[schemars(with = "String")]
     pub kill_grace: Duration,
+    /// More directories covered by an empty, read-only tmpfs in every
+    /// sandbox, besides the worker's work and cache directories (which are
+    /// always hidden). An in-process worker also hides its server's data
+    /// directory and store directories. Default: [].
+    #[serde(default)]
+    pub hide: Vec<PathBuf>,
+    /// Size limit of each private tmpfs (`/tmp`, ...), in bytes; a write
+    /// beyond it fails with ENOSPC. Default: none (the kernel's default,
+    /// half of RAM per tmpfs).
+    #[serde(default)]
+    pub tmpfs_size_bytes: Option<u64>,
+    /// Largest stdout, and largest stderr, of an action, in bytes (both are
+    /// kept in memory until uploaded): an action writing more is terminated
+    /// and fails with RESOURCE_EXHAUSTED. Default: 1 GiB.
+    #[serde(default = "default_max_stdio")]
+    pub max_stdio_bytes: u64,
+}
+
+fn default_max_stdio() -> u64 {
+    1 << 30
 }
 
 fn default_true() -> bool {
@@ -226,6 +246,9 @@ impl Default for SandboxConfig {
             tmpfs: default_tmpfs(),
             hostname: default_hostname(),
             kill_grace: default_kill_grace(),
+            hide: Vec::new(),
+            tmpfs_size_bytes: None,
+            max_stdio_bytes: default_max_stdio(),
         }
     }
 }

@@ -44,6 +44,10 @@ pub enum WorkerError {
     },
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Nothing can run the action here right now (every sandbox slot is
+    /// out of service); the client may retry.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -79,6 +83,7 @@ impl WorkerError {
                 other => other,
             },
             WorkerError::ResourceExhausted(_) => Code::ResourceExhausted,
+            WorkerError::Unavailable(_) => Code::Unavailable,
             WorkerError::Sandbox(_) | WorkerError::Io { .. } | WorkerError::Internal(_) => Code::Internal,
         }
     }

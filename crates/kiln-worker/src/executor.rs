@@ -22,7 +22,7 @@ use crate::command;
 use crate::config::WorkerConfig;
 use crate::error::{WorkerError, WorkerResult};
 use crate::local_cas::LocalCas;
-use crate::materialize::{self, remove_tree};
+use crate::materialize;
 use crate::metadata::{ResourceUsage, now, proto_duration};
 use crate::outputs::{self, Upload};
 use crate::sandbox::{Ending, Report, RunOutcome, RunSpec, Sandbox, SlotLease};
@@ -216,7 +216,7 @@ impl Executor {
             _ = cancel.cancelled() => return Err(WorkerError::Cancelled("cancelled while fetching inputs".into())),
         };
 
-        let slot = self.sandbox.acquire().await?;
+        let slot = self.sandbox.acquire(cancel).await?;
         let r = self
             .run_in_slot(
                 job, cancel, md, &cas, &slot, plan, parents, &pins, checked, network, format, progress,
@@ -280,6 +280,12 @@ impl Executor {
         md.execution_completed_timestamp = Some(now());
         if outcome.ending == Ending::Cancelled {
             return Err(WorkerError::Cancelled("the action was cancelled".into()));
+        }
+        if outcome.ending == Ending::OutputLimit {
+            return Err(WorkerError::ResourceExhausted(format!(
+                "the action wrote more than {} bytes to stdout or stderr (worker.sandbox.max_stdio_bytes) and was terminated",
+                self.config.sandbox.max_stdio_bytes
+            )));
         }
         if self.sandbox.shares_cache_owner() {
             pins.drop_modified().await?;
@@ -362,10 +368,10 @@ fn stdio_blob(
 /// Creates (and wipes) the work directory, creates the cache directory,
 /// and returns both as absolute paths.
 fn prepare_dirs(work: &Path, cache: &Path) -> WorkerResult<(PathBuf, PathBuf)> {
-    if work.exists() {
-        remove_tree(work)?;
-    }
     std::fs::create_dir_all(work).map_err(WorkerError::io(format!("creating {}", work.display())))?;
+    // Whatever a previous run left (any depth: actions write here).
+    crate::wipe::empty_dir(work)
+        .map_err(|e| WorkerError::Sandbox(format!("emptying {}: {e}", work.display())))?;
     std::fs::create_dir_all(cache).map_err(WorkerError::io(format!("creating {}", cache.display())))?;
     let work =
         std::fs::canonicalize(work).map_err(WorkerError::io(format!("resolving {}", work.display())))?;

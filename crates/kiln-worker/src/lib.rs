@@ -33,6 +33,7 @@ pub mod paths;
 pub mod sandbox;
 pub mod tree;
 pub mod upload;
+pub mod wipe;
 pub mod worker;
 
 pub use config::{PropertyValues, SandboxConfig, WorkerConfig};

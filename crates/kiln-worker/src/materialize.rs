@@ -198,34 +198,3 @@ fn link_or_copy(src: &Path, dest: &Path, key: &CacheKey) -> WorkerResult<()> {
         ))(e)),
     }
 }
-
-/// Removes an action directory, first making every directory in it
-/// writable (an action may have left read-only directories behind).
-pub fn remove_tree(dir: &Path) -> WorkerResult<()> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(_) => {}
-    }
-    make_dirs_writable(dir);
-    std::fs::remove_dir_all(dir).map_err(WorkerError::io(format!("removing {}", dir.display())))
-}
-
-fn make_dirs_writable(dir: &Path) {
-    let mut stack = vec![dir.to_path_buf()];
-    let mut visited = 0usize;
-    while let Some(d) = stack.pop() {
-        visited += 1;
-        if visited > 10_000_000 {
-            return;
-        }
-        let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700));
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            for e in rd.flatten() {
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    stack.push(e.path());
-                }
-            }
-        }
-    }
-}

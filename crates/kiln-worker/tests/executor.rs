@@ -499,3 +499,111 @@ async fn consecutive_actions_of_a_slot_do_not_see_each_others_leftovers() {
     assert_eq!(o, "0\nlocalhost\n755\n", "leftovers seen by the next action");
     assert!(slots_are_clean(&tmp.path().join("work")));
 }
+
+/// More state an action could leave for the next one of its slot:
+/// extended attributes on the input root, keys in the kernel keyrings
+/// (x86-64: raw syscalls from Python), a tree too deep for recursive
+/// removal. None of it reaches the next action.
+#[tokio::test]
+async fn attributes_keys_and_deep_trees_do_not_outlive_an_action() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.slots = Some(1);
+    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    let root = TreeSpec::default().upload(&cas).await;
+    let add_key = if cfg!(target_arch = "x86_64") {
+        // add_key(2) is syscall 248: a "user" key in the user keyring (-4).
+        "python3 -c 'import ctypes; l=ctypes.CDLL(None); \
+         assert l.syscall(248, b\"user\", b\"kiln-leak\", b\"secret\", 6, -4) > 0'"
+    } else {
+        "true"
+    };
+    let dirty = sh(&format!(
+        "set -e; python3 -c 'import os; os.setxattr(\".\", \"user.kiln\", b\"leak\")'; {add_key}; \
+         python3 -c 'import os\nfor i in range(3000): os.mkdir(\"d\"); os.chdir(\"d\")\nopen(\"f\",\"w\").write(\"x\")'"
+    ));
+    let resp = run(&exec, job(&cas, dirty, root.clone(), T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let request_key = if cfg!(target_arch = "x86_64") {
+        // keyctl(2) is syscall 250: KEYCTL_SEARCH (10) of the user
+        // keyring (-4) finds the key if it survived.
+        "python3 -c 'import ctypes; l=ctypes.CDLL(None); \
+         print(\"key\" if l.syscall(250, 10, -4, b\"user\", b\"kiln-leak\", 0) > 0 else \"no key\")' >> o"
+    } else {
+        "echo no key >> o"
+    };
+    let mut probe = sh(&format!(
+        "python3 -c 'import os; print(os.listxattr(\".\"), sorted(os.listdir(\".\")))' > o; {request_key}"
+    ));
+    probe.output_paths = vec!["o".into()];
+    let resp = run(&exec, job(&cas, probe, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let o = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["o"]).await).unwrap();
+    assert_eq!(o, "[] ['o']\nno key\n", "leftovers seen by the next action");
+    assert!(slots_are_clean(&tmp.path().join("work")));
+}
+
+/// A descriptor the worker inherited without close-on-exec (from whatever
+/// started it) does not reach actions: they start with 0, 1 and 2 only.
+#[tokio::test]
+async fn inherited_descriptors_do_not_reach_actions() {
+    use std::os::fd::AsRawFd;
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    // Opened without O_CLOEXEC, before the executor starts its zygotes.
+    let leaked = nix::fcntl::open(
+        "/etc/hostname",
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    let exec = executor(tmp.path(), &cas).await;
+    let root = TreeSpec::default().upload(&cas).await;
+    let mut cmd = sh("");
+    // Not through a shell: `ls` itself lists its descriptors (plus the one
+    // it reads the directory with).
+    cmd.arguments = vec!["/bin/ls".into(), "/proc/self/fd".into()];
+    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let listed: Vec<u32> = stdout_of(&cas, &resp)
+        .await
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert!(
+        !listed.contains(&(leaked.as_raw_fd() as u32)),
+        "the inherited descriptor {} reached the action: {listed:?}",
+        leaked.as_raw_fd()
+    );
+    assert!(
+        listed.len() <= 4,
+        "descriptors beyond 0-2 and ls's own: {listed:?}"
+    );
+}
+
+/// An action writing more than `max_stdio_bytes` to stdout is terminated
+/// and fails with RESOURCE_EXHAUSTED instead of filling memory.
+#[tokio::test]
+async fn too_much_stdout_is_resource_exhausted() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.sandbox.max_stdio_bytes = 1 << 20;
+    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    let root = TreeSpec::default().upload(&cas).await;
+    let start = std::time::Instant::now();
+    let resp = run(&exec, job(&cas, sh("yes"), root, T).await).await;
+    assert_eq!(
+        code(&resp),
+        tonic::Code::ResourceExhausted as i32,
+        "{:?}",
+        resp.status
+    );
+    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    assert!(slots_are_clean(&tmp.path().join("work")));
+}

@@ -528,3 +528,84 @@ async fn timeout_terminates_a_direct_command_with_sigterm() {
     );
     wait_gone(&tok).await;
 }
+
+/// A slot whose zygote dies and cannot be restarted (the helper binary is
+/// gone) fails one action, then goes out of service: the other slot runs
+/// the next actions, and the slot comes back once the helper is there
+/// again. With every slot out of service an action fails UNAVAILABLE at
+/// once instead of waiting.
+#[tokio::test]
+async fn a_slot_that_cannot_restart_goes_out_of_service_and_recovers() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("kiln-sandbox-copy");
+    std::fs::copy(helper(), &copy).unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.sandbox.helper = vec![copy.to_string_lossy().into_owned()];
+    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
+        .await
+        .unwrap();
+    let root = TreeSpec::default().upload(&cas).await;
+    let kill = |pid: u32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap()
+    };
+    // The helper disappears and the zygote of the slot used next dies.
+    std::fs::rename(&copy, tmp.path().join("away")).unwrap();
+    kill(exec.sandbox().zygote_pids()[0]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut codes = Vec::new();
+    for i in 0..4 {
+        let j = job(&cas, sh(&format!("echo {i}")), root.clone(), T).await;
+        let resp = tokio::time::timeout(Duration::from_secs(30), run(&exec, j))
+            .await
+            .unwrap_or_else(|_| panic!("action {i} hung"));
+        codes.push(code(&resp));
+    }
+    assert_eq!(
+        codes,
+        vec![tonic::Code::Internal as i32, 0, 0, 0],
+        "one failure, then the healthy slot"
+    );
+    assert_eq!(exec.sandbox().out_of_service(), 1);
+
+    // The helper is back: the slot recovers in the background.
+    std::fs::rename(tmp.path().join("away"), &copy).unwrap();
+    let start = Instant::now();
+    while exec.sandbox().out_of_service() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the slot never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Both slots run actions at once again.
+    let a = tokio::spawn({
+        let (e, j) = (
+            exec.clone(),
+            job(&cas, sh("sleep 0.3; echo a"), root.clone(), T).await,
+        );
+        async move { e.execute(j, CancellationToken::new()).await }
+    });
+    let b = run(&exec, job(&cas, sh("sleep 0.3; echo b"), root.clone(), T).await).await;
+    assert_eq!(code(&b), 0, "{:?}", b.status);
+    assert_eq!(code(&a.await.unwrap()), 0);
+
+    // Every slot out of service: UNAVAILABLE, promptly.
+    std::fs::rename(&copy, tmp.path().join("away")).unwrap();
+    for pid in exec.sandbox().zygote_pids() {
+        kill(pid);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..2 {
+        let _ = run(&exec, job(&cas, sh("true"), root.clone(), T).await).await;
+    }
+    assert_eq!(exec.sandbox().out_of_service(), 2);
+    let start = Instant::now();
+    let resp = run(&exec, job(&cas, sh("true"), root, T).await).await;
+    assert_eq!(code(&resp), tonic::Code::Unavailable as i32, "{:?}", resp.status);
+    assert!(start.elapsed() < Duration::from_secs(5));
+}

@@ -125,3 +125,64 @@ fn serve_refuses_a_bad_config_without_starting() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2"), "{err}");
 }
+
+/// On a loopback address the dashboard answers only requests whose Host
+/// is that loopback address (a DNS-rebinding page gets 403); /metrics and
+/// /healthz answer any Host; `[server] dashboard = false` turns it off.
+#[test]
+fn the_dashboard_is_guarded_on_loopback_and_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let kiln = KilnProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let port = kiln.http.port();
+    for host in [
+        "localhost",
+        &format!("127.0.0.1:{port}"),
+        &format!("localhost:{port}"),
+    ] {
+        assert_eq!(kiln.http_get_host("/", host).0, 200, "Host {host}");
+        assert_eq!(kiln.http_get_host("/api/workers", host).0, 200, "Host {host}");
+    }
+    for host in [
+        "evil.example",
+        &format!("evil.example:{port}"),
+        &format!("127.0.0.2:{port}"),
+    ] {
+        let (status, body) = kiln.http_get_host("/api/workers", host);
+        assert_eq!(status, 403, "Host {host}: {body}");
+        assert!(body.contains("the dashboard answers only"), "{body}");
+        assert_eq!(kiln.http_get_host("/", host).0, 403, "Host {host}");
+        assert_eq!(kiln.http_get_host("/metrics", host).0, 200, "Host {host}");
+        assert_eq!(kiln.http_get_host("/healthz", host).0, 200, "Host {host}");
+    }
+    drop(kiln);
+
+    let off = KilnProcess::with_config(
+        dir.path(),
+        r#"
+[server]
+dashboard = false
+
+[stores.cas.memory]
+capacity = "16 MiB"
+
+[stores.ac.memory]
+capacity = "16 MiB"
+
+[[instances]]
+name = ""
+cas = "cas"
+ac = "ac"
+"#,
+    );
+    assert_eq!(off.http_get("/").0, 404);
+    assert_eq!(off.http_get("/api/workers").0, 404);
+    assert_eq!(off.http_get("/healthz").0, 200);
+}

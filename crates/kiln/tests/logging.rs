@@ -77,6 +77,13 @@ fn with_metadata<T>(message: T, md: &RequestMetadata) -> tonic::Request<T> {
 /// whose streamed response logs (at debug, target kiln_cache) that it
 /// skips a missing directory, and returns that log line and the metadata.
 async fn missing_directory_log_line(log_args: &[&str]) -> (String, RequestMetadata) {
+    missing_directory_log_line_with(log_args, |_| {}).await
+}
+
+async fn missing_directory_log_line_with(
+    log_args: &[&str],
+    tweak: impl FnOnce(&mut RequestMetadata),
+) -> (String, RequestMetadata) {
     let dir = tempfile::tempdir().unwrap();
     let kiln = KilnProcess::with_config_and(dir.path(), CONFIG, log_args, &[], true);
     let stderr = kiln.stderr.as_ref().expect("stderr is captured");
@@ -109,7 +116,8 @@ async fn missing_directory_log_line(log_args: &[&str]) -> (String, RequestMetada
     .await
     .unwrap();
     let tag = uuid::Uuid::new_v4().to_string();
-    let md = metadata(&tag);
+    let mut md = metadata(&tag);
+    tweak(&mut md);
     let mut tree = cas
         .get_tree(with_metadata(
             GetTreeRequest {
@@ -194,15 +202,20 @@ async fn request_metadata_is_in_log_lines_without_the_per_call_span() {
     assert_eq!(request["action_mnemonic"], "CppCompile", "{line}");
     assert_eq!(request["target_id"], md.target_id.as_str(), "{line}");
 
-    let (line, md) = missing_directory_log_line(&["--log-level", "info,kiln_cache=debug"]).await;
+    // A client cannot forge log lines or terminal codes through its fields.
+    let (line, md) = missing_directory_log_line_with(&["--log-level", "info,kiln_cache=debug"], |md| {
+        md.action_mnemonic = "Cpp\n2026-01-01T00:00:00Z ERROR forged\u{1b}[31m".into();
+    })
+    .await;
     for want in [
         "method=ContentAddressableStorage/GetTree".to_string(),
         format!("tool_invocation_id={}", md.tool_invocation_id),
-        "action_mnemonic=CppCompile".to_string(),
+        "action_mnemonic=Cpp\\n2026-01-01T00:00:00Z ERROR forged\\u{1b}[31m".to_string(),
         format!("target_id={}", md.target_id),
     ] {
         assert!(line.contains(&want), "{want:?} not in {line}");
     }
+    assert!(!line.contains('\u{1b}'), "raw escape in {line:?}");
     assert!(line.contains(" request{"), "{line}");
 }
 

@@ -84,6 +84,14 @@ pub struct ServerConfig {
     /// with neither, nothing is exported. Default: none.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// Serve the web dashboard (`/`, `/assets/...`, `/api/...`) on the HTTP
+    /// port. It shows every action's command line, environment and output
+    /// and any CAS blob to whoever can reach the port: turn it off, or keep
+    /// the port private (Kiln has no authentication), where that matters.
+    /// On a loopback address it answers only requests whose Host is that
+    /// loopback address (DNS rebinding protection). Default: true.
+    #[serde(default = "default_true")]
+    pub dashboard: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -102,6 +110,7 @@ impl Default for ServerConfig {
             data_dir: None,
             metrics: true,
             otlp_endpoint: None,
+            dashboard: true,
         }
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! Usage (internal to Kiln; may change between versions):
 //! `zygote [--uid U --gid G] --root DIR [--hide DIR]... [--tmpfs DIR]...
-//! [--hostname NAME] [--network] [--no-namespaces]`, with a Unix stream
+//! [--hostname NAME] [--tmpfs-size BYTES] [--network] [--no-namespaces]`, with a Unix stream
 //! socket as standard input.
 
 use std::ffi::OsString;
@@ -58,6 +58,7 @@ fn parse(args: &[String]) -> Result<ZygoteOptions, String> {
         hostname: None,
         network: false,
         namespaces: true,
+        tmpfs_size: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -84,6 +85,13 @@ fn parse(args: &[String]) -> Result<ZygoteOptions, String> {
             "--hide" => o.hide.push(value.into()),
             "--tmpfs" => o.tmpfs.push(value.into()),
             "--hostname" => o.hostname = Some(value),
+            "--tmpfs-size" => {
+                o.tmpfs_size = Some(
+                    value
+                        .parse::<u64>()
+                        .map_err(|_| format!("--tmpfs-size: {value:?} is not a number"))?,
+                )
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }

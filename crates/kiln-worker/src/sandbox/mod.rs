@@ -43,6 +43,7 @@
 
 pub mod helper;
 mod init;
+mod keyrings;
 mod mounts;
 mod netlink;
 pub mod protocol;
@@ -54,6 +55,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -86,6 +88,9 @@ pub enum Ending {
     Exited,
     TimedOut,
     Cancelled,
+    /// Terminated for writing more than `sandbox.max_stdio_bytes` to
+    /// stdout or stderr.
+    OutputLimit,
 }
 
 /// Resource usage and exit of one action, measured by its init.
@@ -130,10 +135,26 @@ pub struct Sandbox {
     tmpfs: Vec<PathBuf>,
     hostname: String,
     grace: Duration,
+    tmpfs_size_bytes: Option<u64>,
     slots: Vec<Slot>,
     free: Mutex<Vec<usize>>,
     permits: Arc<Semaphore>,
+    /// Slots taken out of service (their input root could not be emptied
+    /// or their zygote not started) and being recovered in the background.
+    out_of_service: AtomicUsize,
+    /// Why the last slot went out of service.
+    last_problem: Mutex<String>,
+    /// Largest stdout (and stderr) of an action.
+    max_stdio_bytes: u64,
 }
+
+/// How long an action waits for a free slot before failing UNAVAILABLE
+/// (the scheduler assigns no more actions than slots, so only slots out
+/// of service make one wait).
+const SLOT_WAIT: Duration = Duration::from_secs(300);
+/// Back-off between attempts to bring a slot back into service.
+const RECOVERY_MIN: Duration = Duration::from_secs(1);
+const RECOVERY_MAX: Duration = Duration::from_secs(60);
 
 /// Finds the helper: `configured`, else `kiln-sandbox` next to the running
 /// executable, else on PATH.
@@ -193,10 +214,14 @@ impl Sandbox {
             uid: config.sandbox.uid,
             gid: config.sandbox.gid,
             running_as_root,
-            hide: vec![config.work_dir.clone(), config.cache_dir.clone()],
+            hide: [config.work_dir.clone(), config.cache_dir.clone()]
+                .into_iter()
+                .chain(config.sandbox.hide.iter().cloned())
+                .collect(),
             tmpfs: config.sandbox.tmpfs.clone(),
             hostname: config.sandbox.hostname.clone(),
             grace: config.sandbox.kill_grace,
+            tmpfs_size_bytes: config.sandbox.tmpfs_size_bytes,
             slots: roots
                 .into_iter()
                 .map(|root| Slot {
@@ -206,6 +231,9 @@ impl Sandbox {
                 .collect(),
             free: Mutex::new((0..n).rev().collect()),
             permits: Arc::new(Semaphore::new(n)),
+            out_of_service: AtomicUsize::new(0),
+            last_problem: Mutex::new(String::new()),
+            max_stdio_bytes: config.sandbox.max_stdio_bytes,
         });
         {
             let roots: Vec<PathBuf> = sandbox.slots.iter().map(|s| s.root.clone()).collect();
@@ -240,6 +268,11 @@ impl Sandbox {
 
     pub fn slots(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Slots out of service (being recovered in the background).
+    pub fn out_of_service(&self) -> usize {
+        self.out_of_service.load(Ordering::SeqCst)
     }
 
     /// Who should own an action's directories: the sandbox user when a
@@ -286,6 +319,9 @@ impl Sandbox {
                 push("--tmpfs", t.to_string_lossy().into_owned());
             }
             push("--hostname", self.hostname.clone());
+            if let Some(size) = self.tmpfs_size_bytes {
+                push("--tmpfs-size", size.to_string());
+            }
             if network {
                 a.push("--network".into());
             }
@@ -301,13 +337,31 @@ impl Sandbox {
 
     /// Takes a free slot, waiting for one when all are busy (the scheduler
     /// never assigns more actions than slots, so normally none waits).
-    pub async fn acquire(self: &Arc<Self>) -> WorkerResult<SlotLease> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| WorkerError::Internal("the sandbox is shut down".into()))?;
+    /// Fails UNAVAILABLE at once when every slot is out of service, and
+    /// after [`SLOT_WAIT`] otherwise; `cancel` ends the wait.
+    pub async fn acquire(self: &Arc<Self>, cancel: &CancellationToken) -> WorkerResult<SlotLease> {
+        if self.out_of_service.load(Ordering::SeqCst) >= self.slots.len() {
+            return Err(WorkerError::Unavailable(format!(
+                "every sandbox slot of this worker is out of service: {}",
+                self.last_problem.lock()
+            )));
+        }
+        let permit = tokio::select! {
+            p = self.permits.clone().acquire_owned() => {
+                p.map_err(|_| WorkerError::Internal("the sandbox is shut down".into()))?
+            }
+            _ = cancel.cancelled() => {
+                return Err(WorkerError::Cancelled("cancelled while waiting for a sandbox slot".into()));
+            }
+            _ = tokio::time::sleep(SLOT_WAIT) => {
+                return Err(WorkerError::Unavailable(format!(
+                    "no sandbox slot became free within {SLOT_WAIT:?} ({} of {} out of service: {})",
+                    self.out_of_service.load(Ordering::SeqCst),
+                    self.slots.len(),
+                    self.last_problem.lock()
+                )));
+            }
+        };
         let index = self
             .free
             .lock()
@@ -317,13 +371,60 @@ impl Sandbox {
             sandbox: self.clone(),
             index,
             permit: Some(permit),
+            broken: AtomicBool::new(false),
         })
+    }
+
+    /// Takes a slot out of service: a named task tries to empty its input
+    /// root and start its zygote, with back-off, and gives the slot back
+    /// once both work (or stops when the sandbox is gone).
+    fn quarantine(self: &Arc<Self>, index: usize, permit: OwnedSemaphorePermit, why: String) {
+        tracing::error!(slot = index, reason = %why, "sandbox slot out of service; recovering it in the background");
+        *self.last_problem.lock() = why;
+        self.out_of_service.fetch_add(1, Ordering::SeqCst);
+        // Whatever zygote the slot had is suspect: stop it.
+        let stale = std::mem::take(&mut *self.slots[index].zygotes.lock());
+        drop(stale);
+        let weak = Arc::downgrade(self);
+        kiln_store::task::spawn("sandbox-slot-recovery", async move {
+            let mut backoff = RECOVERY_MIN;
+            loop {
+                tokio::time::sleep(backoff).await;
+                let Some(sandbox) = weak.upgrade() else { return };
+                match sandbox.recover(index).await {
+                    Ok(()) => {
+                        tracing::info!(slot = index, "sandbox slot back in service");
+                        sandbox.out_of_service.fetch_sub(1, Ordering::SeqCst);
+                        sandbox.free.lock().push(index);
+                        drop(permit);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(slot = index, error = %e, retry_in = ?backoff, "sandbox slot still out of service");
+                        *sandbox.last_problem.lock() = e.to_string();
+                    }
+                }
+                backoff = (backoff * 2).min(RECOVERY_MAX);
+            }
+        });
+    }
+
+    async fn recover(&self, index: usize) -> WorkerResult<()> {
+        let root = self.slots[index].root.clone();
+        let owner = self.owner();
+        kiln_store::task::blocking("sandbox-slot-reset", move || reset_root(&root, owner)).await??;
+        let z = self
+            .start_zygote(index, false)
+            .await
+            .map_err(|e| WorkerError::Sandbox(format!("starting the sandbox: {e}")))?;
+        self.slots[index].zygotes.lock()[0] = Some(z);
+        Ok(())
     }
 
     /// Runs a trivial command through the whole path, so that a sandbox
     /// that cannot work fails at start rather than on the first action.
     async fn probe(self: &Arc<Self>) -> WorkerResult<()> {
-        let lease = self.acquire().await?;
+        let lease = self.acquire(&CancellationToken::new()).await?;
         let spec = RunSpec {
             cwd: lease.root().to_path_buf(),
             argv: vec!["/bin/sh".into(), "-c".into(), "exit 7".into()],
@@ -354,6 +455,8 @@ pub struct SlotLease {
     sandbox: Arc<Sandbox>,
     index: usize,
     permit: Option<OwnedSemaphorePermit>,
+    /// The slot's zygote could not be started: recover before reuse.
+    broken: AtomicBool,
 }
 
 impl SlotLease {
@@ -379,10 +482,15 @@ impl SlotLease {
                     tracing::warn!(slot = self.index, "a sandbox zygote died; starting a new one");
                 }
                 drop(other);
-                sandbox
-                    .start_zygote(self.index, kind == 1)
-                    .await
-                    .map_err(|e| WorkerError::Sandbox(format!("starting the sandbox: {e}")))?
+                match sandbox.start_zygote(self.index, kind == 1).await {
+                    Ok(z) => z,
+                    Err(e) => {
+                        let msg = format!("starting the sandbox: {e}");
+                        self.broken.store(true, Ordering::SeqCst);
+                        *sandbox.last_problem.lock() = msg.clone();
+                        return Err(WorkerError::Sandbox(msg));
+                    }
+                }
             }
         };
         let stdout = memory_file("kiln-stdout")?;
@@ -395,7 +503,17 @@ impl SlotLease {
             grace_ms: sandbox.grace.as_millis() as u64,
         };
         let r = zygote
-            .run(&req, &stdout, &stderr, spec.timeout, cancel, sandbox.grace)
+            .run(
+                &req,
+                &stdout,
+                &stderr,
+                zygote_process::Limits {
+                    timeout: spec.timeout,
+                    grace: sandbox.grace,
+                    max_stdio_bytes: sandbox.max_stdio_bytes,
+                },
+                cancel,
+            )
             .await;
         match r {
             Ok((ending, f)) => {
@@ -423,28 +541,42 @@ impl SlotLease {
                 )))
             }
             Err(RunError::Zygote(msg)) => {
-                // Dropping it kills it; its action dies with it.
-                drop(zygote);
+                // Its action dies with it (parent-death signal, lifeline).
+                zygote.kill().await;
                 tracing::warn!(slot = self.index, error = %msg, "sandbox zygote failed; it will be replaced");
                 Err(WorkerError::Sandbox(msg))
             }
         }
     }
 
-    /// Empties the input root and gives the slot back.
+    /// Empties the input root and gives the slot back; a slot whose root
+    /// cannot be emptied (or whose zygote would not start) goes out of
+    /// service until it is recovered, so no action ever gets a dirty root.
     pub async fn release(mut self) -> WorkerResult<()> {
         let root = self.root().to_path_buf();
         let owner = self.sandbox.owner();
-        let r = kiln_store::task::blocking("sandbox-slot-reset", move || reset_root(&root, owner)).await;
-        self.give_back();
-        r?
-    }
-
-    fn give_back(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.sandbox.free.lock().push(self.index);
-            drop(permit);
+        let r = kiln_store::task::blocking("sandbox-slot-reset", move || reset_root(&root, owner))
+            .await
+            .map_err(WorkerError::from)
+            .and_then(|r| r);
+        let Some(permit) = self.permit.take() else {
+            return r;
+        };
+        match (&r, self.broken.load(Ordering::SeqCst)) {
+            (Ok(()), false) => {
+                self.sandbox.free.lock().push(self.index);
+                drop(permit);
+            }
+            (Ok(()), true) => {
+                let why = self.sandbox.last_problem.lock().clone();
+                self.sandbox.quarantine(self.index, permit, why);
+            }
+            (Err(e), _) => {
+                self.sandbox
+                    .quarantine(self.index, permit, format!("emptying the input root: {e}"))
+            }
         }
+        r
     }
 }
 
@@ -457,25 +589,12 @@ impl Drop for SlotLease {
         // the background before anyone else gets the slot.
         let sandbox = self.sandbox.clone();
         let index = self.index;
-        let root = self.root().to_path_buf();
-        let owner = sandbox.owner();
-        let finish = move || {
-            if let Err(e) = reset_root(&root, owner) {
-                tracing::error!(slot = index, error = %e, "emptying a sandbox slot failed; the slot stays out of use");
-                return;
-            }
-            sandbox.free.lock().push(index);
-            drop(permit);
-        };
         match tokio::runtime::Handle::try_current() {
-            Ok(_) => {
-                kiln_store::task::spawn("sandbox-slot-reset", async move {
-                    if let Err(e) = kiln_store::task::blocking("sandbox-slot-reset", finish).await {
-                        tracing::error!(error = %e, "sandbox slot reset task failed");
-                    }
-                });
+            Ok(_) => sandbox.quarantine(index, permit, "a lease ended without a release".into()),
+            Err(_) => {
+                // No runtime (shutdown): nothing will use the slot again.
+                drop(permit);
             }
-            Err(_) => finish(),
         }
     }
 }
@@ -486,22 +605,29 @@ fn memory_file(name: &str) -> WorkerResult<OwnedFd> {
         .map_err(|e| WorkerError::Sandbox(format!("memfd_create for the action's {name}: {e}")))
 }
 
-/// Empties a slot's input root (without following symlinks) and restores
-/// its mode and owner, whatever the last action did to it.
+/// Empties a slot's input root (any depth, without following symlinks)
+/// and restores its mode, owner and extended attributes (ACLs included),
+/// whatever the last action did to it.
 fn reset_root(root: &Path, owner: Option<Owner>) -> WorkerResult<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).map_err(WorkerError::io(
         format!("resetting the mode of {}", root.display()),
     ))?;
-    let entries = std::fs::read_dir(root).map_err(WorkerError::io(format!("listing {}", root.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(WorkerError::io(format!("listing {}", root.display())))?;
-        let path = entry.path();
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            crate::materialize::remove_tree(&path)?;
-        } else {
-            std::fs::remove_file(&path).map_err(WorkerError::io(format!("removing {}", path.display())))?;
-        }
+    crate::wipe::empty_dir(root)
+        .map_err(|e| WorkerError::Sandbox(format!("emptying {}: {e}", root.display())))?;
+    let names = xattr::list(root).map_err(WorkerError::io(format!(
+        "listing the attributes of {}",
+        root.display()
+    )))?;
+    // What an unprivileged action can set: user attributes and ACLs.
+    for name in names.filter(|n| {
+        let n = n.to_string_lossy();
+        n.starts_with("user.") || n.starts_with("system.posix_acl_")
+    }) {
+        xattr::remove(root, &name).map_err(WorkerError::io(format!(
+            "removing attribute {name:?} of {}",
+            root.display()
+        )))?;
     }
     if let Some(o) = owner {
         std::os::unix::fs::lchown(root, Some(o.uid), Some(o.gid))

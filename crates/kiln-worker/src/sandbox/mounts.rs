@@ -26,7 +26,12 @@ pub struct Scratch {
 
 /// Sets the mounts up; returns the tmpfs directories that were mounted
 /// (to be emptied between actions).
-pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<Scratch>, String> {
+pub fn setup(
+    root: &Path,
+    hide: &[PathBuf],
+    tmpfs: &[PathBuf],
+    tmpfs_size: Option<u64>,
+) -> Result<Vec<Scratch>, String> {
     use std::os::unix::fs::MetadataExt;
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(errno("making / private"))?;
@@ -40,6 +45,10 @@ pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<Scr
     let mut scratch: Vec<Scratch> = Vec::new();
     let mut hidden: Vec<PathBuf> = Vec::new();
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let scratch_options = match tmpfs_size {
+        Some(size) => format!("mode=1777,size={size}"),
+        None => "mode=1777".to_string(),
+    };
     for t in tmpfs {
         if !t.is_dir() {
             continue;
@@ -49,7 +58,7 @@ pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<Scr
             t.as_path(),
             Some("tmpfs"),
             flags,
-            Some("mode=1777"),
+            Some(scratch_options.as_str()),
         )
         .map_err(|e| format!("mounting a tmpfs on {}: {e}", t.display()))?;
         let empty_size = std::fs::symlink_metadata(t)
@@ -60,8 +69,15 @@ pub fn setup(root: &Path, hide: &[PathBuf], tmpfs: &[PathBuf]) -> Result<Vec<Scr
             empty_size,
         });
     }
+    // Outer directories first: one inside a directory already covered
+    // (the work directory inside the data directory, say) needs no cover
+    // of its own.
+    let mut hide: Vec<&PathBuf> = hide.iter().collect();
+    hide.sort_by_key(|h| h.components().count());
     for h in hide {
-        if scratch.iter().any(|c| h.starts_with(&c.path)) || !h.is_dir() {
+        let covered =
+            scratch.iter().any(|c| h.starts_with(&c.path)) || hidden.iter().any(|c| h.starts_with(c));
+        if covered || !h.is_dir() {
             continue;
         }
         mount(
@@ -208,6 +224,52 @@ pub fn empty_dir(dir: &Path, empty_size: Option<u64>, keep: &Path) -> Result<(),
         return Ok(());
     }
     empty_inside(dir, meta.dev(), Some(keep), 0)
+}
+
+/// Makes a private tmpfs as it was before the action: empty (but for the
+/// way to `root`), its mode 1777, no extended attributes; the directories
+/// on the way to `root` mode 0755 without extended attributes. (In a
+/// non-root worker the action owns these directories and could change
+/// them; a change that cannot be undone fails, and the zygote is then
+/// replaced, with fresh tmpfs's.)
+pub fn reset_scratch(scratch: &Scratch, root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    empty_dir(&scratch.path, Some(scratch.empty_size), root)?;
+    let mut dirs = vec![(scratch.path.clone(), 0o1777)];
+    if let Ok(rest) = root.strip_prefix(&scratch.path) {
+        let mut p = scratch.path.clone();
+        let parts: Vec<_> = rest.components().collect();
+        // Every directory strictly between the tmpfs and the root.
+        for c in parts.iter().take(parts.len().saturating_sub(1)) {
+            p.push(c);
+            dirs.push((p.clone(), 0o755));
+        }
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    for (dir, mode) in dirs {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(&dir).map_err(|e| format!("stat of {}: {e}", dir.display()))?;
+        // Only what the action could have changed: what its user (ours)
+        // owns. (A root worker's zygote mounted these as root.)
+        if meta.uid() != me {
+            continue;
+        }
+        if meta.permissions().mode() & 0o7777 != mode {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("resetting the mode of {}: {e}", dir.display()))?;
+        }
+        let names =
+            xattr::list(&dir).map_err(|e| format!("listing the attributes of {}: {e}", dir.display()))?;
+        // What an unprivileged owner can set: user attributes and ACLs.
+        for name in names.filter(|n| {
+            let n = n.to_string_lossy();
+            n.starts_with("user.") || n.starts_with("system.posix_acl_")
+        }) {
+            xattr::remove(&dir, &name)
+                .map_err(|e| format!("removing attribute {name:?} of {}: {e}", dir.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Deepest directory nesting removed (a bound on the recursion).

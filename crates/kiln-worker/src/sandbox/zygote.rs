@@ -62,6 +62,8 @@ pub struct ZygoteOptions {
     pub network: bool,
     /// Use namespaces at all (false: UNSAFE unsandboxed mode).
     pub namespaces: bool,
+    /// Size limit of each private tmpfs, in bytes.
+    pub tmpfs_size: Option<u64>,
 }
 
 struct Running {
@@ -72,6 +74,7 @@ struct Running {
 /// The zygote's main: returns its exit code.
 pub fn zygote_main(o: &ZygoteOptions) -> Result<i32, String> {
     ensure_single_threaded()?;
+    close_on_exec_inherited()?;
     // Block the supervised signals first, so the clones inherit the mask
     // and a SIGTERM sent before init polls is queued, not lost.
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&supervised_signals()), None)
@@ -93,8 +96,40 @@ pub fn zygote_main(o: &ZygoteOptions) -> Result<i32, String> {
             return Ok(super::helper::SETUP_FAILED);
         }
     };
-    protocol::write_frame(&mut sock, Kind::Ready, &[]).map_err(|e| format!("answering the worker: {e}"))?;
+    if protocol::write_frame(&mut sock, Kind::Ready, &[]).is_err() {
+        return Ok(0); // the worker went away
+    }
     serve(&mut sock, o, &scratch)
+}
+
+/// Marks every descriptor above 2 that the worker let us inherit
+/// close-on-exec, so none reaches an action's command (a descriptor the
+/// worker's own parent passed down, say, could point anywhere on the
+/// host). Call first, while nothing else is open.
+fn close_on_exec_inherited() -> Result<(), String> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use std::os::fd::BorrowedFd;
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").map_err(|e| format!("listing /proc/self/fd: {e}"))? {
+        let entry = entry.map_err(|e| format!("listing /proc/self/fd: {e}"))?;
+        if let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
+            && fd > 2
+        {
+            fds.push(fd);
+        }
+    }
+    // The listing's own descriptor is closed now; setting the flag on its
+    // number fails (EBADF) or hits a descriptor that is open again: both
+    // are fine.
+    for fd in fds {
+        // SAFETY: the process is single-threaded (checked just before), so
+        // no other code can close or reuse `fd` while it is borrowed for
+        // this one call; a number that is no longer open makes fcntl fail
+        // with EBADF, which is ignored.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let _ = fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+    Ok(())
 }
 
 /// Threads other than ours would make the clone below unsound (a copy of
@@ -132,17 +167,18 @@ fn setup(o: &ZygoteOptions) -> Result<Vec<Scratch>, String> {
         // mount namespace stays owned by the host's user namespace and no
         // action can change it.
         nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(mount namespace): {e}"))?;
-        let scratch = super::mounts::setup(&o.root, &o.hide, &o.tmpfs)?;
+        let scratch = super::mounts::setup(&o.root, &o.hide, &o.tmpfs, o.tmpfs_size)?;
         super::helper::drop_privileges(o.uid, o.gid)?;
         super::helper::new_user_namespace(net)?;
         scratch
     } else {
         super::helper::new_user_namespace(CloneFlags::CLONE_NEWNS | net)?;
-        super::mounts::setup(&o.root, &o.hide, &o.tmpfs)?
+        super::mounts::setup(&o.root, &o.hide, &o.tmpfs, o.tmpfs_size)?
     };
     if !o.network {
         super::netlink::loopback_up()?;
     }
+    super::keyrings::join_new_session()?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     Ok(scratch)
 }
@@ -317,9 +353,14 @@ fn finish(
     let _ = r.report.read_to_end(&mut buf);
     let mut cleanup_error = None;
     for dir in scratch {
-        if let Err(e) = super::mounts::empty_dir(&dir.path, Some(dir.empty_size), root) {
+        if let Err(e) = super::mounts::reset_scratch(dir, root) {
             cleanup_error.get_or_insert(e);
         }
+    }
+    if !scratch.is_empty()
+        && let Err(e) = super::keyrings::clear()
+    {
+        cleanup_error.get_or_insert(e);
     }
     let record = match Finished::decode(buf.as_slice()) {
         Ok(f) if !buf.is_empty() => f,

@@ -22,6 +22,20 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// action before it is killed.
 const REPORT_SLACK: Duration = Duration::from_secs(5);
 
+/// What bounds one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The action's timeout.
+    pub timeout: Duration,
+    /// After SIGTERM, how long before SIGKILL.
+    pub grace: Duration,
+    /// Largest stdout (and stderr) before the action is terminated.
+    pub max_stdio_bytes: u64,
+}
+
+/// How often the size of stdout/stderr is checked while an action runs.
+const STDIO_CHECK: Duration = Duration::from_millis(250);
+
 /// Why a run produced no result.
 #[derive(Debug)]
 pub enum RunError {
@@ -95,6 +109,17 @@ impl ZygoteProcess {
         self.child.id()
     }
 
+    /// Kills the zygote and waits (bounded) for it to be gone.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(pid = ?self.child.id(), "a killed zygote did not exit within 5 s");
+        }
+    }
+
     /// Reads one frame; cancel-safe (bytes read stay in `buf`). `None` at
     /// end of stream.
     async fn read_frame(&mut self) -> Result<Option<(Kind, Vec<u8>)>, String> {
@@ -151,18 +176,30 @@ impl ZygoteProcess {
         req: &RunRequest,
         stdout: &OwnedFd,
         stderr: &OwnedFd,
-        timeout: Duration,
+        limits: Limits,
         cancel: &CancellationToken,
-        grace: Duration,
     ) -> Result<(Ending, Finished), RunError> {
         self.in_flight = true;
         self.send_run(req, stdout, stderr)
             .await
             .map_err(RunError::Zygote)?;
+        let grace = limits.grace;
+        let too_much_output = async {
+            let size = |fd: &OwnedFd| nix::sys::stat::fstat(fd).map(|s| s.st_size as u64).unwrap_or(0);
+            // No check at once: a short action costs nothing here.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + STDIO_CHECK, STDIO_CHECK);
+            loop {
+                tick.tick().await;
+                if size(stdout).max(size(stderr)) > limits.max_stdio_bytes {
+                    return;
+                }
+            }
+        };
         let ending = tokio::select! {
             r = self.read_frame() => return self.answer(r, Ending::Exited),
-            _ = tokio::time::sleep(timeout) => Ending::TimedOut,
+            _ = tokio::time::sleep(limits.timeout) => Ending::TimedOut,
             _ = cancel.cancelled() => Ending::Cancelled,
+            _ = too_much_output => Ending::OutputLimit,
         };
         self.sock
             .write_all(&protocol::encode(Kind::Terminate, &[]))

@@ -142,12 +142,17 @@ impl KilnProcess {
 
     /// Plain HTTP GET on the HTTP port; returns (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
+        self.http_get_host(path, "localhost")
+    }
+
+    /// [`Self::http_get`] with the given `Host` header.
+    pub fn http_get_host(&self, path: &str, host: &str) -> (u16, String) {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.http).expect("connect http");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
         let mut buf = String::new();

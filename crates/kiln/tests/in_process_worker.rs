@@ -1,0 +1,139 @@
+//! The all-in-one default's in-process worker, through the real `kiln`
+//! binary and `kiln exec`: its actions cannot see the server's own data
+//! (the CAS and Action Cache files), and on SIGTERM a running action
+//! finishes and uploads its outputs before the listeners close.
+
+mod common;
+
+use std::process::Command;
+
+use common::KilnProcess;
+
+#[test]
+fn actions_of_the_in_process_worker_cannot_read_the_servers_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_string_lossy().into_owned();
+    let kiln = KilnProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_arg,
+    ]);
+    // Something in the CAS for the action to look for.
+    assert!(data.join("cas").is_dir() && data.join("ac").is_dir());
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let script = format!(
+        "ls -A {d} | tr '\\n' ' '; echo; for p in cas ac kiln-worker; do test -e {d}/$p && echo \"$p visible\" || echo \"$p hidden\"; done",
+        d = data.display()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "exec",
+            "--endpoint",
+            &format!("grpc://{}", kiln.grpc),
+            "--input-root",
+        ])
+        .arg(&root)
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .expect("kiln exec");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    // Only the way to the action's own input root is there.
+    assert_eq!(lines[0].trim(), "kiln-worker", "{stdout}");
+    assert_eq!(
+        &lines[1..],
+        ["cas hidden", "ac hidden", "kiln-worker visible"],
+        "{stdout}"
+    );
+    drop(kiln);
+}
+
+#[test]
+fn sigterm_lets_a_running_action_finish_and_upload_before_the_listeners_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_string_lossy().into_owned();
+    let mut kiln = KilnProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_arg,
+    ]);
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let exec = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "exec",
+            "--endpoint",
+            &format!("grpc://{}", kiln.grpc),
+            "--input-root",
+        ])
+        .arg(&root)
+        .args([
+            "--output",
+            "out",
+            "--",
+            "sh",
+            "-c",
+            "sleep 2.0137; echo finished > out",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln exec");
+    // Once the action runs (its `sleep`, not the client whose command line
+    // also holds the text), ask the server to stop.
+    let running = || {
+        common::processes_with("2.0137")
+            .into_iter()
+            .any(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\0")))
+    };
+    let started = std::time::Instant::now();
+    while !running() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the action never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = kiln.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = exec.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the action failed during the drain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(root.join("out")).unwrap(), "finished\n");
+    // And the server then exits by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = kiln.child.try_wait().unwrap() {
+            assert!(status.success(), "kiln exited with {status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kiln did not exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
