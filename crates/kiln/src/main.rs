@@ -212,9 +212,14 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 /// `[current_exe, "sandbox-helper"]`: the helper is this binary.
+/// The sandbox helper is this very binary: `/proc/self/exe`, so that a
+/// zygote restarted after the file was replaced (a package upgrade) runs
+/// the same version as the worker that speaks to it.
 fn self_helper() -> Option<Vec<String>> {
-    let exe = std::env::current_exe().ok()?;
-    Some(vec![exe.to_string_lossy().into_owned(), "sandbox-helper".into()])
+    Some(vec![
+        kiln_worker::sandbox::SELF_EXE.into(),
+        "sandbox-helper".into(),
+    ])
 }
 
 fn endpoint(url: &str) -> Result<tonic::transport::Channel, String> {

@@ -70,6 +70,10 @@ use crate::materialize::Owner;
 pub use helper::helper_main;
 use zygote_process::{RunError, ZygoteProcess};
 
+/// The running executable, as a helper program: exec'ing it starts the
+/// same binary image even if its file was since replaced.
+pub const SELF_EXE: &str = "/proc/self/exe";
+
 /// One command to run in a slot.
 #[derive(Debug, Clone)]
 pub struct RunSpec {

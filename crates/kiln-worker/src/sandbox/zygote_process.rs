@@ -68,6 +68,12 @@ impl ZygoteProcess {
         .map_err(|e| format!("socketpair: {e}"))?;
         let program = helper.first().ok_or("no sandbox helper configured")?;
         let mut cmd = Command::new(program);
+        if program == super::SELF_EXE
+            && let Ok(exe) = std::env::current_exe()
+        {
+            // What `ps` shows: the binary's name, not /proc/self/exe.
+            cmd.arg0(exe);
+        }
         cmd.args(&helper[1..])
             .arg("zygote")
             .args(args)
