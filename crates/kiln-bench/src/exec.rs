@@ -2,7 +2,8 @@
 //! `exec-cache-hit`, `exec-mixed`): building and uploading unique no-op
 //! actions, one Execute call followed to its end, the phase timestamps of
 //! ExecutedActionMetadata, and CPU accounting of a whole process tree
-//! (the server plus every descendant: sandbox helpers, per-slot holders).
+//! (the server plus every descendant: sandbox zygotes, per-action init
+//! processes, the actions).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};

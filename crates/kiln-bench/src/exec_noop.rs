@@ -138,7 +138,7 @@ fn common_notes(rep: &mut ScenarioReport, p: &Phase, concurrency: usize) {
     }
     if let (Some(t), Some(s)) = (p.tree_cpu, p.out.cpu.server) {
         rep.note(format!(
-            "server CPU: {:.2} s in the server process's own threads, {:.2} s with its descendants (sandbox helpers, holders, the actions)",
+            "server CPU: {:.2} s in the server process's own threads, {:.2} s with its descendants (sandbox zygotes, per-action init, the actions)",
             s.as_secs_f64(),
             t.as_secs_f64()
         ));

@@ -96,16 +96,21 @@ impl PropertyValues {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
-    /// Run every action in fresh user, mount, PID, IPC and UTS namespaces,
-    /// without network unless the action's platform has `network = on`.
-    /// The worker refuses to start when namespaces are unavailable.
+    /// Run every action sandboxed: user and mount namespaces per slot (set
+    /// up once by the slot's zygote), fresh PID, IPC and UTS namespaces per
+    /// action, and no network unless the action's platform has
+    /// `network = on`. The worker refuses to start when namespaces are
+    /// unavailable.
     /// `false` is UNSAFE: actions then run as the worker's own user with its
     /// full view of the machine and network, and a process that escapes its
     /// process group survives a timeout. Default: true.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Command (program and leading arguments) of the sandbox helper
-    /// (`kiln-sandbox`, or the `kiln` binary's helper sub-command). Default:
+    /// Command (program and leading arguments) of the sandbox helper that
+    /// runs each slot's zygote (`kiln-sandbox`, or the `kiln` binary's
+    /// `sandbox-helper` sub-command). Default: `kiln worker` and the
+    /// in-process workers of `kiln` use the running binary itself
+    /// (`/proc/self/exe sandbox-helper`); other embedders use
     /// `kiln-sandbox` next to the running executable, else on `PATH`.
     #[serde(default)]
     pub helper: Vec<String>,

@@ -211,7 +211,6 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-/// `[current_exe, "sandbox-helper"]`: the helper is this binary.
 /// The sandbox helper is this very binary: `/proc/self/exe`, so that a
 /// zygote restarted after the file was replaced (a package upgrade) runs
 /// the same version as the worker that speaks to it.
