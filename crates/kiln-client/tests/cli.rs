@@ -1,6 +1,6 @@
 //! The client commands against a real Kiln server started in-process
-//! (real gRPC over loopback, real files in temporary directories), plus
-//! the same commands through the real `kiln` binary when it is built.
+//! (real gRPC over loopback, real files in temporary directories). The
+//! same commands through the real `kiln` binary: crates/kiln/tests/cli.rs.
 //!
 //! This test binary has its own `main` (`harness = false`): it doubles as
 //! the sandbox helper of the server's in-process worker
@@ -28,7 +28,6 @@ use kiln_server::{Overrides, RunningServer};
 
 enum Ran {
     Passed,
-    Skipped(String),
 }
 
 type BoxFut = Pin<Box<dyn Future<Output = Ran> + Send>>;
@@ -52,7 +51,6 @@ const TESTS: &[(&str, TestFn)] = tests![
     exec_output_directory_and_ac_get,
     exec_timeout_is_an_execution_failure,
     exec_without_execution_support,
-    through_the_kiln_binary,
 ];
 
 /// Longest a single test may take.
@@ -76,7 +74,7 @@ fn main() -> ExitCode {
     }
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     let started = Instant::now();
-    let (mut passed, mut failed, mut skipped, mut filtered) = (0, Vec::new(), 0, 0);
+    let (mut passed, mut failed, mut filtered) = (0, Vec::new(), 0);
     let selected: Vec<_> = TESTS
         .iter()
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
@@ -100,10 +98,6 @@ fn main() -> ExitCode {
                 println!("ok");
                 passed += 1;
             }
-            Ok(Ok(Ran::Skipped(why))) => {
-                println!("ignored, {why}");
-                skipped += 1;
-            }
             Ok(Err(_)) => {
                 println!("FAILED (timed out after {} s)", TEST_TIMEOUT.as_secs());
                 failed.push(*name);
@@ -121,7 +115,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "\ntest result: {}. {passed} passed; {} failed; {skipped} ignored; 0 measured; {filtered} filtered out; finished in {:.2}s\n",
+        "\ntest result: {}. {passed} passed; {} failed; 0 ignored; 0 measured; {filtered} filtered out; finished in {:.2}s\n",
         if failed.is_empty() { "ok" } else { "FAILED" },
         failed.len(),
         started.elapsed().as_secs_f64()
@@ -899,93 +893,6 @@ async fn exec_without_execution_support() -> Ran {
         "{}",
         out.stderr
     );
-    srv.stop().await;
-    Ran::Passed
-}
-
-/// The `kiln` binary next to this test (or `KILN_BIN`).
-fn kiln_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let candidate = exe.parent()?.parent()?.join("kiln");
-    candidate.is_file().then_some(candidate)
-}
-
-async fn run_binary(bin: &Path, args: &[&str]) -> Out {
-    let out = tokio::process::Command::new(bin)
-        .args(args)
-        .env_remove("KILN_ENDPOINT")
-        .env_remove("KILN_INSTANCE")
-        .output()
-        .await
-        .unwrap();
-    Out {
-        code: out.status.code().map(|c| c as u8).unwrap_or(255),
-        stdout: out.stdout,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// The same commands through the real `kiln` binary: put/get round trip,
-/// exec with an output, an unreachable server and a missing digest.
-async fn through_the_kiln_binary() -> Ran {
-    let Some(bin) = kiln_binary() else {
-        return Ran::Skipped("the kiln binary is not built (cargo build -p kiln, or set KILN_BIN)".into());
-    };
-    let probe = run_binary(&bin, &["cas", "--help"]).await;
-    if probe.code != 0 {
-        panic!(
-            "{} has no client sub-commands yet (kiln cas --help exited {})",
-            bin.display(),
-            probe.code
-        );
-    }
-    let srv = Server::start(true).await;
-    let ep = srv.endpoint();
-    let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("blob");
-    let content = data(150_000, 4);
-    std::fs::write(&file, &content).unwrap();
-    // Global options after the sub-command.
-    let put = run_binary(&bin, &["cas", "put", p(&file), "--endpoint", &ep]).await;
-    assert_eq!(put.code, 0, "{}", put.stderr);
-    let digest = put.text().trim().to_string();
-    assert_eq!(digest, digest_of(&content));
-    let got = run_binary(&bin, &["cas", "get", &digest, "--endpoint", &ep]).await;
-    assert_eq!(got.code, 0, "{}", got.stderr);
-    assert!(got.stdout == content);
-
-    let root = tmp.path().join("root");
-    std::fs::create_dir(&root).unwrap();
-    let out = run_binary(
-        &bin,
-        &[
-            "exec",
-            "--endpoint",
-            &ep,
-            "--input-root",
-            p(&root),
-            "--output",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "echo hi > out",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(std::fs::read_to_string(root.join("out")).unwrap(), "hi\n");
-
-    let missing = run_binary(&bin, &["cas", "get", &digest_of(b"nope"), "--endpoint", &ep]).await;
-    assert_eq!(missing.code, 1, "{}", missing.stderr);
-    one_line(&missing.stderr);
-    let dead = dead_address().to_string();
-    let unreachable = run_binary(&bin, &["status", "--endpoint", &dead]).await;
-    assert_eq!(unreachable.code, 3, "{}", unreachable.stderr);
-    assert!(one_line(&unreachable.stderr).contains(&dead));
     srv.stop().await;
     Ran::Passed
 }

@@ -1,10 +1,12 @@
-//! The `kiln` binary: embedded default, health endpoints, config checking.
+//! The `kiln` binary: embedded default, health endpoints, config checking,
+//! and its client sub-commands against a real server.
 
 mod common;
 
 use std::process::Command;
 
-use common::KilnProcess;
+use common::{KilnProcess, MEMORY_CONFIG, output_within};
+use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::reapi::GetCapabilitiesRequest;
 use kiln_proto::reapi::capabilities_client::CapabilitiesClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -15,14 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 async fn embedded_default_serves_health_and_capabilities() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let kiln = KilnProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let kiln = KilnProcess::embedded(&data);
     // The default prints its data directory and the Bazel flags.
     assert!(
         kiln.stdout_lines
@@ -133,14 +128,7 @@ fn serve_refuses_a_bad_config_without_starting() {
 fn the_dashboard_is_guarded_on_loopback_and_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let kiln = KilnProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let kiln = KilnProcess::embedded(&data);
     let port = kiln.http.port();
     for host in [
         "localhost",
@@ -166,23 +154,93 @@ fn the_dashboard_is_guarded_on_loopback_and_can_be_turned_off() {
 
     let off = KilnProcess::with_config(
         dir.path(),
-        r#"
-[server]
-dashboard = false
-
-[stores.cas.memory]
-capacity = "16 MiB"
-
-[stores.ac.memory]
-capacity = "16 MiB"
-
-[[instances]]
-name = ""
-cas = "cas"
-ac = "ac"
-"#,
+        &format!("[server]\ndashboard = false\n{MEMORY_CONFIG}"),
     );
     assert_eq!(off.http_get("/").0, 404);
     assert_eq!(off.http_get("/api/workers").0, 404);
     assert_eq!(off.http_get("/healthz").0, 200);
+}
+
+/// Runs `kiln ARGS...` (the client sub-commands) to its end, bounded.
+fn client(args: &[&str]) -> std::process::Output {
+    output_within(
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env_remove("KILN_ENDPOINT")
+            .env_remove("KILN_INSTANCE"),
+        std::time::Duration::from_secs(120),
+    )
+}
+
+/// The single `kiln: ...` line a failing client command prints.
+fn one_error_line(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got {err:?}");
+    assert!(lines[0].starts_with("kiln: "), "{err:?}");
+    lines[0].to_string()
+}
+
+/// The client commands through the real binary against the embedded
+/// default (real scheduler and sandboxed worker): a file goes up and comes
+/// back byte-identical, `kiln exec -- sh -c 'echo hi > out'` downloads
+/// `hi`, and a missing digest and an unreachable server fail with one
+/// clear line and their documented exit codes (1 and 3).
+#[test]
+fn client_commands_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = KilnProcess::embedded(&dir.path().join("data"));
+    let ep = format!("grpc://{}", kiln.grpc);
+    let content: Vec<u8> = (0..150_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = dir.path().join("blob");
+    std::fs::write(&file, &content).unwrap();
+    let key = BlobKey::of(DigestFunction::Sha256, &content);
+    let want = format!("{}/{}", key.hash_hex(), key.size());
+
+    // Global options after the sub-command.
+    let put = client(&["cas", "put", file.to_str().unwrap(), "--endpoint", &ep]);
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    assert_eq!(String::from_utf8_lossy(&put.stdout).trim(), want);
+    let got = client(&["cas", "get", &want, "--endpoint", &ep]);
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert!(got.stdout == content, "the blob came back different");
+
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let out = client(&[
+        "exec",
+        "--endpoint",
+        &ep,
+        "--input-root",
+        root.to_str().unwrap(),
+        "--output",
+        "out",
+        "--",
+        "sh",
+        "-c",
+        "echo hi > out",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(root.join("out")).unwrap(), "hi\n");
+
+    let absent = BlobKey::of(DigestFunction::Sha256, b"nope");
+    let missing = client(&[
+        "cas",
+        "get",
+        &format!("{}/{}", absent.hash_hex(), absent.size()),
+        "--endpoint",
+        &ep,
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    one_error_line(&missing);
+
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let unreachable = client(&["status", "--endpoint", &dead]);
+    assert_eq!(unreachable.status.code(), Some(3));
+    assert!(one_error_line(&unreachable).contains(&dead));
 }

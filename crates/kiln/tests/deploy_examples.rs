@@ -26,14 +26,12 @@ mod common;
 mod deploy;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::KilnProcess;
+use common::{KilnProcess, line_reader, output_within, sigterm, wait_exit, wait_for_line};
 use deploy::{Doc, Unit, duration, manifests, read, repo, units};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -222,7 +220,6 @@ fn has_setpriv() -> bool {
 /// A running `kiln worker`; SIGKILLed when dropped.
 struct Worker {
     child: Child,
-    lines: mpsc::Receiver<String>,
 }
 
 impl Worker {
@@ -253,32 +250,14 @@ impl Worker {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kiln worker");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[worker] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut worker = Worker { child, lines };
-        worker.wait_for_line("registered with the scheduler", REGISTER_WAIT);
-        worker
-    }
-
-    fn wait_for_line(&mut self, needle: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return,
-                Ok(_) => {}
-                Err(_) => panic!("the worker did not log {needle:?} within {limit:?}"),
-            }
+        let lines = line_reader(child.stderr.take().unwrap(), Some("worker".into()));
+        if let Err(seen) = wait_for_line(&lines, "registered with the scheduler", REGISTER_WAIT) {
+            let _ = child.kill();
+            panic!("the worker did not register within {REGISTER_WAIT:?}: {seen:?}");
         }
+        // Keep reading (and echoing) its log, so it never blocks on stderr.
+        std::thread::spawn(move || while lines.recv().is_ok() {});
+        Worker { child }
     }
 }
 
@@ -289,49 +268,13 @@ impl Drop for Worker {
     }
 }
 
-fn sigterm(pid: u32) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -TERM {pid}");
-}
-
-/// Waits (at most `limit`) for `child` to exit; returns whether it exited
-/// successfully and how long that took.
-fn wait_exit(child: &mut Child, limit: Duration) -> (bool, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status.success(), start.elapsed());
-        }
-        assert!(
-            start.elapsed() < limit,
-            "process {} still running after {limit:?}",
-            child.id()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs a client command to its end (bounded); returns (success, stderr).
 fn client(args: &[&str], cwd: &Path) -> (bool, String) {
-    let mut child = Command::new(KILN)
-        .args(args)
-        .current_dir(cwd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
-        s
-    });
-    let (ok, _) = wait_exit(&mut child, CLIENT_WAIT);
-    (ok, reader.join().unwrap())
+    let out = output_within(Command::new(KILN).args(args).current_dir(cwd), CLIENT_WAIT);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn check_config(path: &Path) {
@@ -784,34 +727,18 @@ async fn run_example(ex: &Example) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = exec.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + CLIENT_WAIT;
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("kiln exec did not report EXECUTING");
-        if line.contains("EXECUTING") {
-            break;
-        }
-    }
+    let rx = line_reader(exec.stderr.take().unwrap(), None);
+    wait_for_line(&rx, "EXECUTING", CLIENT_WAIT).expect("kiln exec did not report EXECUTING");
     let signalled = Instant::now();
     sigterm(worker.child.id());
-    let (ok, _) = wait_exit(&mut exec, CLIENT_WAIT);
+    let (status, _) = wait_exit(&mut exec, CLIENT_WAIT);
     assert!(
-        ok,
+        status.success(),
         "the action running when the worker got SIGTERM did not complete"
     );
     assert_eq!(std::fs::read_to_string(input.join("out")).unwrap(), "drained\n");
-    let (ok, _) = wait_exit(&mut worker.child, ex.worker_stop);
-    assert!(ok, "the worker exited with an error after SIGTERM");
+    let (status, _) = wait_exit(&mut worker.child, ex.worker_stop);
+    assert!(status.success(), "the worker exited with an error after SIGTERM");
     let took = signalled.elapsed();
     assert!(took < ex.worker_stop, "the worker took {took:?} to stop");
     eprintln!("{}: worker drained and exited {took:?} after SIGTERM", ex.what);
@@ -821,8 +748,8 @@ async fn run_example(ex: &Example) -> String {
 
     // The server stops within its stop timeout.
     sigterm(kiln.child.id());
-    let (ok, took) = wait_exit(&mut kiln.child, ex.serve_stop);
-    assert!(ok, "kiln serve exited with an error after SIGTERM");
+    let (status, took) = wait_exit(&mut kiln.child, ex.serve_stop);
+    assert!(status.success(), "kiln serve exited with an error after SIGTERM");
     eprintln!("{}: server exited {took:?} after SIGTERM", ex.what);
     scrape
 }

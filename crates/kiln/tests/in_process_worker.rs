@@ -7,21 +7,16 @@ mod common;
 
 use std::process::Command;
 
-use common::KilnProcess;
+use common::{KilnProcess, output_within};
+
+/// Longest a `kiln exec` of these tests may take.
+const EXEC_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[test]
 fn actions_of_the_in_process_worker_cannot_read_the_servers_stores() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let data_arg = data.to_string_lossy().into_owned();
-    let kiln = KilnProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data_arg,
-    ]);
+    let kiln = KilnProcess::embedded(&data);
     // Something in the CAS for the action to look for.
     assert!(data.join("cas").is_dir() && data.join("ac").is_dir());
     let root = dir.path().join("root");
@@ -30,17 +25,18 @@ fn actions_of_the_in_process_worker_cannot_read_the_servers_stores() {
         "ls -A {d} | tr '\\n' ' '; echo; for p in cas ac kiln-worker; do test -e {d}/$p && echo \"$p visible\" || echo \"$p hidden\"; done",
         d = data.display()
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "exec",
-            "--endpoint",
-            &format!("grpc://{}", kiln.grpc),
-            "--input-root",
-        ])
-        .arg(&root)
-        .args(["--", "sh", "-c", &script])
-        .output()
-        .expect("kiln exec");
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "exec",
+                "--endpoint",
+                &format!("grpc://{}", kiln.grpc),
+                "--input-root",
+            ])
+            .arg(&root)
+            .args(["--", "sh", "-c", &script]),
+        EXEC_LIMIT,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -62,37 +58,27 @@ fn actions_of_the_in_process_worker_cannot_read_the_servers_stores() {
 fn sigterm_lets_a_running_action_finish_and_upload_before_the_listeners_close() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let data_arg = data.to_string_lossy().into_owned();
-    let mut kiln = KilnProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data_arg,
-    ]);
+    let mut kiln = KilnProcess::embedded(&data);
     let root = dir.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    let exec = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "exec",
-            "--endpoint",
-            &format!("grpc://{}", kiln.grpc),
-            "--input-root",
-        ])
-        .arg(&root)
-        .args([
-            "--output",
-            "out",
-            "--",
-            "sh",
-            "-c",
-            "sleep 2.0137; echo finished > out",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kiln exec");
+    // The client runs on a thread, bounded, while the server is stopped.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args([
+        "exec",
+        "--endpoint",
+        &format!("grpc://{}", kiln.grpc),
+        "--input-root",
+    ])
+    .arg(&root)
+    .args([
+        "--output",
+        "out",
+        "--",
+        "sh",
+        "-c",
+        "sleep 2.0137; echo finished > out",
+    ]);
+    let exec = std::thread::spawn(move || output_within(&mut cmd, EXEC_LIMIT));
     // Once the action runs (its `sleep`, not the client whose command line
     // also holds the text), ask the server to stop.
     let running = || {
@@ -108,15 +94,8 @@ fn sigterm_lets_a_running_action_finish_and_upload_before_the_listeners_close() 
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let pid = kiln.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = exec.wait_with_output().unwrap();
+    common::sigterm(kiln.child.id());
+    let out = exec.join().expect("the client thread");
     assert!(
         out.status.success(),
         "the action failed during the drain: {}",
@@ -124,16 +103,6 @@ fn sigterm_lets_a_running_action_finish_and_upload_before_the_listeners_close() 
     );
     assert_eq!(std::fs::read_to_string(root.join("out")).unwrap(), "finished\n");
     // And the server then exits by itself.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        if let Some(status) = kiln.child.try_wait().unwrap() {
-            assert!(status.success(), "kiln exited with {status}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "kiln did not exit after SIGTERM"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let (status, _) = common::wait_exit(&mut kiln.child, std::time::Duration::from_secs(60));
+    assert!(status.success(), "kiln exited with {status}");
 }

@@ -15,14 +15,11 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use common::KilnProcess;
-use kiln_digest::{BlobKey, DigestFunction};
+use common::{KilnProcess, MEMORY_CONFIG, digest_of, upload_blobs};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
-use kiln_proto::reapi::batch_update_blobs_request::Request as UpdateItem;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::{
-    BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode, GetActionResultRequest, GetTreeRequest,
-    RequestMetadata, ToolDetails,
+    Directory, DirectoryNode, GetActionResultRequest, GetTreeRequest, RequestMetadata, ToolDetails,
 };
 use kiln_proto::request_info::REQUEST_METADATA_HEADER;
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -30,23 +27,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message;
-
-const CONFIG: &str = r#"
-[stores.cas.memory]
-capacity = "64 MiB"
-
-[stores.ac.memory]
-capacity = "16 MiB"
-
-[[instances]]
-name = ""
-cas = "cas"
-ac = "ac"
-"#;
-
-fn digest_of(data: &[u8]) -> Digest {
-    BlobKey::of(DigestFunction::Sha256, data).to_digest()
-}
 
 /// What a Bazel build would send, with ids unique to this test run.
 fn metadata(tag: &str) -> RequestMetadata {
@@ -73,29 +53,45 @@ fn with_metadata<T>(message: T, md: &RequestMetadata) -> tonic::Request<T> {
     req
 }
 
+/// The debug line (target kiln_cache) GetTree writes when it skips a
+/// missing directory.
+const MISSING_DIRECTORY: &str = "directory missing";
+
 /// Runs kiln with `log_args`, makes a GetTree call with RequestMetadata
 /// whose streamed response logs (at debug, target kiln_cache) that it
 /// skips a missing directory, and returns that log line and the metadata.
 async fn missing_directory_log_line(log_args: &[&str]) -> (String, RequestMetadata) {
-    missing_directory_log_line_with(log_args, |_| {}).await
+    missing_directory_log_line_with(log_args, &[], |_| {}).await
 }
 
 async fn missing_directory_log_line_with(
     log_args: &[&str],
+    env: &[(&str, &str)],
     tweak: impl FnOnce(&mut RequestMetadata),
 ) -> (String, RequestMetadata) {
     let dir = tempfile::tempdir().unwrap();
-    let kiln = KilnProcess::with_config_and(dir.path(), CONFIG, log_args, &[], true);
+    let kiln = KilnProcess::with_config_and(dir.path(), MEMORY_CONFIG, log_args, env, true);
+    let md = get_tree_over_a_missing_directory(&kiln, tweak).await;
     let stderr = kiln.stderr.as_ref().expect("stderr is captured");
-    let mut cas = ContentAddressableStorageClient::new(kiln.channel().await);
+    match common::wait_for_line(stderr, MISSING_DIRECTORY, Duration::from_secs(20)) {
+        Ok(line) => (line, md),
+        Err(seen) => panic!(
+            "no log line about the missing directory; stderr was:\n{}",
+            seen.join("\n")
+        ),
+    }
+}
 
-    // A root directory whose child is missing: GetTree logs (at debug) that
-    // it skips the child, from inside the streamed response.
-    let absent = Directory {
-        files: Vec::new(),
-        ..Default::default()
-    };
-    let mut absent = absent.encode_to_vec();
+/// Uploads a root directory whose child is missing and reads it with
+/// GetTree (RequestMetadata from [`metadata`], changed by `tweak`), to the
+/// end of the stream; GetTree logs at debug, from inside the streamed
+/// response, that it skips the child. Returns the metadata sent.
+async fn get_tree_over_a_missing_directory(
+    kiln: &KilnProcess,
+    tweak: impl FnOnce(&mut RequestMetadata),
+) -> RequestMetadata {
+    let mut cas = ContentAddressableStorageClient::new(kiln.channel().await);
+    let mut absent = Directory::default().encode_to_vec();
     absent.extend_from_slice(b"not uploaded");
     let root = Directory {
         directories: vec![DirectoryNode {
@@ -105,16 +101,7 @@ async fn missing_directory_log_line_with(
         ..Default::default()
     }
     .encode_to_vec();
-    cas.batch_update_blobs(BatchUpdateBlobsRequest {
-        requests: vec![UpdateItem {
-            digest: Some(digest_of(&root)),
-            data: root.clone(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    upload_blobs(&mut cas, &[&root]).await;
     let tag = uuid::Uuid::new_v4().to_string();
     let mut md = metadata(&tag);
     tweak(&mut md);
@@ -129,24 +116,30 @@ async fn missing_directory_log_line_with(
         .await
         .unwrap()
         .into_inner();
-    while tree.message().await.unwrap().is_some() {}
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while tree.message().await.unwrap().is_some() {}
+    })
+    .await
+    .expect("GetTree answered within 30 s");
+    md
+}
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = match stderr.recv_timeout(left) {
-            Ok(l) => l,
-            Err(_) => panic!(
-                "no log line about the missing directory; stderr was:\n{}",
-                seen.join("\n")
-            ),
-        };
-        if line.contains("directory missing") {
-            return (line, md);
-        }
-        seen.push(line);
-    }
+/// The call's method and RequestMetadata fields in `obj` (a JSON log
+/// line's span, or its `request` object).
+fn assert_call_fields(obj: &serde_json::Value, md: &RequestMetadata, line: &str) {
+    assert_eq!(obj["method"], "ContentAddressableStorage/GetTree", "{line}");
+    assert_eq!(
+        obj["tool_invocation_id"],
+        md.tool_invocation_id.as_str(),
+        "{line}"
+    );
+    assert_eq!(
+        obj["correlated_invocations_id"],
+        md.correlated_invocations_id.as_str(),
+        "{line}"
+    );
+    assert_eq!(obj["action_mnemonic"], "CppCompile", "{line}");
+    assert_eq!(obj["target_id"], md.target_id.as_str(), "{line}");
 }
 
 #[tokio::test]
@@ -163,19 +156,7 @@ async fn log_lines_inside_a_call_carry_its_request_metadata() {
     assert_eq!(json["level"], "DEBUG", "{line}");
     let span = &json["span"];
     assert_eq!(span["name"], "grpc", "{line}");
-    assert_eq!(span["method"], "ContentAddressableStorage/GetTree", "{line}");
-    assert_eq!(
-        span["tool_invocation_id"],
-        md.tool_invocation_id.as_str(),
-        "{line}"
-    );
-    assert_eq!(
-        span["correlated_invocations_id"],
-        md.correlated_invocations_id.as_str(),
-        "{line}"
-    );
-    assert_eq!(span["action_mnemonic"], "CppCompile", "{line}");
-    assert_eq!(span["target_id"], md.target_id.as_str(), "{line}");
+    assert_call_fields(span, &md, &line);
     assert!(json.get("request").is_none(), "shown once, in the span: {line}");
 }
 
@@ -187,23 +168,10 @@ async fn request_metadata_is_in_log_lines_without_the_per_call_span() {
         missing_directory_log_line(&["--log-format", "json", "--log-level", "info,kiln_cache=debug"]).await;
     let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert!(json.get("span").is_none(), "no span was enabled: {line}");
-    let request = &json["request"];
-    assert_eq!(request["method"], "ContentAddressableStorage/GetTree", "{line}");
-    assert_eq!(
-        request["tool_invocation_id"],
-        md.tool_invocation_id.as_str(),
-        "{line}"
-    );
-    assert_eq!(
-        request["correlated_invocations_id"],
-        md.correlated_invocations_id.as_str(),
-        "{line}"
-    );
-    assert_eq!(request["action_mnemonic"], "CppCompile", "{line}");
-    assert_eq!(request["target_id"], md.target_id.as_str(), "{line}");
+    assert_call_fields(&json["request"], &md, &line);
 
     // A client cannot forge log lines or terminal codes through its fields.
-    let (line, md) = missing_directory_log_line_with(&["--log-level", "info,kiln_cache=debug"], |md| {
+    let (line, md) = missing_directory_log_line_with(&["--log-level", "info,kiln_cache=debug"], &[], |md| {
         md.action_mnemonic = "Cpp\n2026-01-01T00:00:00Z ERROR forged\u{1b}[31m".into();
     })
     .await;
@@ -217,6 +185,71 @@ async fn request_metadata_is_in_log_lines_without_the_per_call_span() {
     }
     assert!(!line.contains('\u{1b}'), "raw escape in {line:?}");
     assert!(line.contains(" request{"), "{line}");
+}
+
+/// The level comes from `KILN_LOG` when no flag is given, and
+/// `--log-level` wins over it: the same debug line appears with the
+/// variable alone and is absent when the flag says `info`.
+#[tokio::test]
+async fn the_log_level_comes_from_kiln_log_and_the_flag_wins() {
+    let env = [("KILN_LOG", "info,kiln_cache=debug")];
+    let (line, _) = missing_directory_log_line_with(&[], &env, |_| {}).await;
+    assert!(line.contains("DEBUG"), "{line}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let kiln = KilnProcess::with_config_and(dir.path(), MEMORY_CONFIG, &["--log-level", "info"], &env, true);
+    get_tree_over_a_missing_directory(&kiln, |_| {}).await;
+    // Then a call that logs a warning: the server writes its lines in
+    // order, so whatever the first call logged comes before it.
+    let mut cas = ContentAddressableStorageClient::new(kiln.channel().await);
+    let root = Directory {
+        directories: vec![DirectoryNode {
+            name: "no-digest".into(),
+            digest: None,
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    upload_blobs(&mut cas, &[&root]).await;
+    let mut tree = cas
+        .get_tree(GetTreeRequest {
+            root_digest: Some(digest_of(&root)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while tree.message().await.unwrap().is_some() {}
+    })
+    .await
+    .expect("GetTree answered within 30 s");
+    let stderr = kiln.stderr.as_ref().expect("stderr is captured");
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lines
+        .last()
+        .is_some_and(|l: &String| l.contains("skipping child without a digest"))
+    {
+        match stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!(
+                "no warning about the child without a digest; stderr was:\n{}",
+                lines.join("\n")
+            ),
+        }
+    }
+    assert!(
+        !lines.iter().any(|l| l.contains(MISSING_DIRECTORY)),
+        "--log-level info did not win over KILN_LOG:\n{}",
+        lines.join("\n")
+    );
+    // The control: info lines do pass the flag's filter.
+    assert!(
+        lines.iter().any(|l| l.contains("kiln serving")),
+        "no info line:\n{}",
+        lines.join("\n")
+    );
 }
 
 /// The string attributes of a span.
@@ -258,7 +291,7 @@ async fn spans_are_exported_over_otlp_with_request_metadata() {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let dir = tempfile::tempdir().unwrap();
-    let config = format!("[server]\notlp_endpoint = \"http://{receiver}\"\n{CONFIG}");
+    let config = format!("[server]\notlp_endpoint = \"http://{receiver}\"\n{MEMORY_CONFIG}");
     let kiln = KilnProcess::with_config_and(
         dir.path(),
         &config,

@@ -15,44 +15,29 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{KilnProcess, WorkerProcess};
+use common::{KilnProcess, MEMORY_CONFIG, WorkerProcess, digest_of, upload_blobs};
 use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
 use kiln_proto::bytestream::{ReadRequest, WriteRequest};
 use kiln_proto::longrunning::operations_client::OperationsClient;
 use kiln_proto::longrunning::{CancelOperationRequest, Operation, operation};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
-use kiln_proto::reapi::batch_update_blobs_request::Request as UpdateItem;
 use kiln_proto::reapi::command::EnvironmentVariable;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::execution_stage::Value as Stage;
 use kiln_proto::reapi::platform::Property;
 use kiln_proto::reapi::{
-    Action, ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Command, Digest, Directory,
-    ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, FileNode, FindMissingBlobsRequest,
-    GetActionResultRequest, Platform, UpdateActionResultRequest,
+    Action, ActionResult, BatchReadBlobsRequest, Command, Digest, Directory, ExecuteOperationMetadata,
+    ExecuteRequest, ExecuteResponse, FileNode, FindMissingBlobsRequest, GetActionResultRequest, Platform,
+    UpdateActionResultRequest,
 };
 use prost::Message;
 use tonic::transport::Channel;
 
 const F: DigestFunction = DigestFunction::Sha256;
-
-const CONFIG: &str = r#"
-[stores.cas.memory]
-capacity = "64 MiB"
-
-[stores.ac.memory]
-capacity = "16 MiB"
-
-[[instances]]
-name = ""
-cas = "cas"
-ac = "ac"
-"#;
 
 const CAS: &str = "build.bazel.remote.execution.v2.ContentAddressableStorage";
 const AC: &str = "build.bazel.remote.execution.v2.ActionCache";
@@ -71,50 +56,10 @@ fn value(text: &str, series: &str) -> f64 {
     sample(text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
-/// Raw GET returning the response head and body, to check headers.
-fn get_with_head(kiln: &KilnProcess, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(kiln.http).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").expect("an HTTP response");
-    (head.to_string(), body.to_string())
-}
-
 fn metrics(kiln: &KilnProcess) -> String {
     let (status, text) = kiln.http_get("/metrics");
     assert_eq!(status, 200, "{text}");
     text
-}
-
-fn digest_of(data: &[u8]) -> Digest {
-    BlobKey::of(F, data).to_digest()
-}
-
-async fn upload(cas: &mut ContentAddressableStorageClient<Channel>, blobs: &[&[u8]]) {
-    let resp = cas
-        .batch_update_blobs(BatchUpdateBlobsRequest {
-            requests: blobs
-                .iter()
-                .map(|b| UpdateItem {
-                    digest: Some(digest_of(b)),
-                    data: b.to_vec(),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    for r in resp.responses {
-        assert_eq!(r.status.map(|s| s.code).unwrap_or(0), 0);
-    }
 }
 
 async fn find_missing(cas: &mut ContentAddressableStorageClient<Channel>, digests: Vec<Digest>) -> usize {
@@ -132,7 +77,7 @@ async fn find_missing(cas: &mut ContentAddressableStorageClient<Channel>, digest
 #[tokio::test]
 async fn metrics_count_a_known_cache_workload() {
     let dir = tempfile::tempdir().unwrap();
-    let kiln = KilnProcess::with_config(dir.path(), CONFIG);
+    let kiln = KilnProcess::with_config(dir.path(), MEMORY_CONFIG);
     let channel = kiln.channel().await;
     let mut cas = ContentAddressableStorageClient::new(channel.clone());
     let mut ac = ActionCacheClient::new(channel.clone());
@@ -150,9 +95,9 @@ async fn metrics_count_a_known_cache_workload() {
     }
     // 5 blobs stored; uploading one again stores nothing.
     let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
-    upload(&mut cas, &refs[..2]).await;
-    upload(&mut cas, &refs[2..]).await;
-    upload(&mut cas, &refs[..1]).await;
+    upload_blobs(&mut cas, &refs[..2]).await;
+    upload_blobs(&mut cas, &refs[2..]).await;
+    upload_blobs(&mut cas, &refs[..1]).await;
     // 5 found, 2 missing.
     let mut asked = digests.clone();
     asked.extend(unknown.clone());
@@ -249,7 +194,7 @@ async fn metrics_count_a_known_cache_workload() {
         .unwrap();
     }
 
-    let (head, text) = get_with_head(&kiln, "/metrics");
+    let (head, text) = kiln.http_get_with_head("/metrics", "localhost");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         head.to_ascii_lowercase()
@@ -348,7 +293,7 @@ async fn metrics_count_a_known_cache_workload() {
 #[tokio::test]
 async fn metrics_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
-    let kiln = KilnProcess::with_config(dir.path(), &format!("[server]\nmetrics = false\n{CONFIG}"));
+    let kiln = KilnProcess::with_config(dir.path(), &format!("[server]\nmetrics = false\n{MEMORY_CONFIG}"));
     let mut cas = ContentAddressableStorageClient::new(kiln.channel().await);
     assert_eq!(find_missing(&mut cas, vec![digest_of(b"x")]).await, 1);
     let (status, body) = kiln.http_get("/metrics");
@@ -367,7 +312,7 @@ const WORKER: &str = "metrics-worker";
 /// every 200 ms (so the worker's local cache counters arrive quickly).
 fn exec_config() -> String {
     format!(
-        r#"{CONFIG}
+        r#"{MEMORY_CONFIG}
 [scheduler]
 heartbeat_interval = "200ms"
 heartbeat_timeout = "10s"
@@ -414,7 +359,7 @@ async fn action(
         ..Default::default()
     }
     .encode_to_vec();
-    upload(cas, &[&command, &action]).await;
+    upload_blobs(cas, &[&command, &action]).await;
     digest_of(&action)
 }
 
@@ -506,7 +451,7 @@ async fn metrics_count_a_known_execution_workload() {
         ..Default::default()
     }
     .encode_to_vec();
-    upload(&mut cas, &[&input, &root]).await;
+    upload_blobs(&mut cas, &[&input, &root]).await;
     let root = digest_of(&root);
     let nonce = uuid::Uuid::new_v4().to_string();
     let mut actions = Vec::new();
@@ -608,7 +553,7 @@ async fn metrics_count_a_known_execution_workload() {
 async fn remote_workers_report_their_local_cache() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        r#"{CONFIG}
+        r#"{MEMORY_CONFIG}
 [scheduler]
 heartbeat_interval = "200ms"
 heartbeat_timeout = "10s"
@@ -632,7 +577,7 @@ max_action_timeout = "1m"
         ..Default::default()
     }
     .encode_to_vec();
-    upload(&mut cas, &[&input, &root]).await;
+    upload_blobs(&mut cas, &[&input, &root]).await;
     let root = digest_of(&root);
     let nonce = uuid::Uuid::new_v4().to_string();
     for i in 0..2 {

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{KilnProcess, WorkerProcess, processes_with};
-use kiln_digest::{BlobKey, DigestFunction};
+use common::{KilnProcess, WorkerProcess, digest_of, processes_with};
+use kiln_digest::DigestFunction;
 use kiln_proto::longrunning::operations_client::OperationsClient;
 use kiln_proto::longrunning::{CancelOperationRequest, GetOperationRequest, Operation, operation};
 use kiln_proto::reapi::action_cache_client::ActionCacheClient;
@@ -358,10 +358,6 @@ async fn until_executing(stream: &mut tonic::Streaming<Operation>) -> String {
         }
     }
     panic!("never EXECUTING");
-}
-
-fn digest_of(data: &[u8]) -> Digest {
-    BlobKey::of(F, data).to_digest()
 }
 
 fn env_path() -> Vec<EnvironmentVariable> {

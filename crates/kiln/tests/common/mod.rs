@@ -4,11 +4,154 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use kiln_digest::{BlobKey, DigestFunction};
+use kiln_proto::reapi::batch_update_blobs_request::Request as UpdateItem;
+use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use kiln_proto::reapi::{BatchUpdateBlobsRequest, Digest};
 use tonic::transport::{Channel, Endpoint};
+
+/// A configuration with a memory CAS and Action Cache for the instance
+/// `""`, and nothing else (no scheduler, no workers).
+pub const MEMORY_CONFIG: &str = r#"
+[stores.cas.memory]
+capacity = "64 MiB"
+
+[stores.ac.memory]
+capacity = "16 MiB"
+
+[[instances]]
+name = ""
+cas = "cas"
+ac = "ac"
+"#;
+
+/// The SHA-256 digest of `data`.
+pub fn digest_of(data: &[u8]) -> Digest {
+    BlobKey::of(DigestFunction::Sha256, data).to_digest()
+}
+
+/// Uploads `blobs` with one BatchUpdateBlobs call; every one must succeed.
+pub async fn upload_blobs(cas: &mut ContentAddressableStorageClient<Channel>, blobs: &[&[u8]]) {
+    let resp = cas
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: blobs
+                .iter()
+                .map(|b| UpdateItem {
+                    digest: Some(digest_of(b)),
+                    data: b.to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("BatchUpdateBlobs")
+        .into_inner();
+    for r in resp.responses {
+        assert_eq!(
+            r.status.map(|s| s.code).unwrap_or(0),
+            0,
+            "upload of {:?}",
+            r.digest
+        );
+    }
+}
+
+/// Forwards the lines of `reader` to the returned channel from a thread,
+/// echoing each to the test's stderr behind `echo` when given.
+pub fn line_reader(
+    reader: impl std::io::Read + Send + 'static,
+    echo: Option<String>,
+) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if let Some(prefix) = &echo {
+                eprintln!("[{prefix}] {line}");
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (at most `limit`) for a line containing `needle`; returns it.
+pub fn wait_for_line(
+    lines: &mpsc::Receiver<String>,
+    needle: &str,
+    limit: Duration,
+) -> Result<String, Vec<String>> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return Ok(l),
+            Ok(l) => seen.push(l),
+            Err(_) => return Err(seen),
+        }
+    }
+}
+
+/// Sends SIGTERM to `pid`.
+pub fn sigterm(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -TERM {pid}");
+}
+
+/// Waits (at most `limit`, else the test fails) for `child` to exit;
+/// returns its status and how long that took.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> (ExitStatus, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return (status, start.elapsed());
+        }
+        if start.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} still running after {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cmd` to its end with stdout and stderr captured, failing the
+/// test when it takes longer than `limit` (`Command::output` unbounded).
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let read_all = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("stderr")));
+    let (status, _) = wait_exit(&mut child, limit);
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
 
 /// A running `kiln` process; killed with SIGKILL when dropped.
 pub struct KilnProcess {
@@ -42,28 +185,8 @@ impl KilnProcess {
             })
             .spawn()
             .expect("spawn kiln");
-        let stderr = child.stderr.take().map(|err| {
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(err).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            rx
-        });
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stderr = child.stderr.take().map(|err| line_reader(err, None));
+        let rx = line_reader(child.stdout.take().expect("stdout"), None);
         let (mut grpc, mut http, mut lines) = (None, None, Vec::new());
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while grpc.is_none() || http.is_none() {
@@ -90,6 +213,20 @@ impl KilnProcess {
             stdout_lines: lines,
             stderr,
         }
+    }
+
+    /// Starts the embedded default (no config file) with its data under
+    /// `data`, on ephemeral ports.
+    pub fn embedded(data: &Path) -> KilnProcess {
+        let data = data.to_str().expect("a UTF-8 path");
+        Self::start(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+        ])
     }
 
     /// Starts a server for `config` text written into `dir`, on ephemeral ports.
@@ -147,6 +284,18 @@ impl KilnProcess {
 
     /// [`Self::http_get`] with the given `Host` header.
     pub fn http_get_host(&self, path: &str, host: &str) -> (u16, String) {
+        let (head, body) = self.http_get_with_head(path, host);
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, body)
+    }
+
+    /// Plain HTTP GET returning the response head (status line and
+    /// headers) and the body.
+    pub fn http_get_with_head(&self, path: &str, host: &str) -> (String, String) {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.http).expect("connect http");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -157,16 +306,8 @@ impl KilnProcess {
         .unwrap();
         let mut buf = String::new();
         s.read_to_string(&mut buf).unwrap();
-        let status = buf
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = buf
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((buf.as_str(), ""));
+        (head.to_string(), body.to_string())
     }
 }
 
@@ -224,29 +365,14 @@ impl WorkerProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kiln worker");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        let prefix = name.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{prefix}] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("registered with the scheduler") => break,
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("worker {name} did not register with the scheduler within 30 s");
-                }
-            }
+        let lines = line_reader(child.stderr.take().expect("stderr"), Some(name.to_string()));
+        if wait_for_line(&lines, "registered with the scheduler", Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("worker {name} did not register with the scheduler within 30 s");
         }
+        // Keep echoing its log.
+        std::thread::spawn(move || while lines.recv().is_ok() {});
         WorkerProcess {
             child,
             name: name.to_string(),
