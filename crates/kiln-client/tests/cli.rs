@@ -614,8 +614,11 @@ async fn status_shows_capabilities() -> Ran {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let ep = srv.endpoint();
+    // Long enough to be seen running by the polls below on a busy machine.
     let slow =
-        tokio::spawn(async move { kiln(&ep, &["exec", "--input-root", p(&root), "--", "sleep", "3"]).await });
+        tokio::spawn(
+            async move { kiln(&ep, &["exec", "--input-root", p(&root), "--", "sleep", "10"]).await },
+        );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let text = loop {
         let text = kiln(&srv.endpoint(), &["status"]).await.text();

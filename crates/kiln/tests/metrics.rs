@@ -76,6 +76,7 @@ async fn find_missing(cas: &mut ContentAddressableStorageClient<Channel>, digest
 
 #[tokio::test]
 async fn metrics_count_a_known_cache_workload() {
+    let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let kiln = KilnProcess::with_config(dir.path(), MEMORY_CONFIG);
     let channel = kiln.channel().await;
@@ -274,7 +275,12 @@ async fn metrics_count_a_known_cache_workload() {
     );
     assert_eq!(v("kiln_store_evictions_total{store=\"cas\"}"), 0.0);
     assert_eq!(v("kiln_store_items{store=\"ac\"}"), 1.0);
-    assert!(sample(&text, "kiln_store_oldest_age_seconds{store=\"cas\"}").is_some());
+    // Every blob was stored since the test started.
+    let oldest = v("kiln_store_oldest_age_seconds{store=\"cas\"}");
+    assert!(
+        (0.0..=started.elapsed().as_secs_f64() + 1.0).contains(&oldest),
+        "oldest blob age {oldest}"
+    );
     // No scheduler configured: no scheduler or action metrics.
     assert!(!text.contains("kiln_scheduler_"), "{text}");
     assert!(!text.contains("kiln_action"), "{text}");
