@@ -298,7 +298,6 @@ impl Executor {
         let inline = self.config.inline_stdio_bytes;
         let RunOutcome {
             ending,
-            exit_code,
             report,
             sandboxed,
             network: had_network,
@@ -327,7 +326,7 @@ impl Executor {
         md.output_upload_completed_timestamp = Some(now());
 
         let mut result = collected.result;
-        result.exit_code = exit_code;
+        result.exit_code = report.exit_code;
         md.auxiliary_metadata
             .push(resource_usage(&report, sandboxed, had_network).to_any());
         Ok((result, ending == Ending::TimedOut))

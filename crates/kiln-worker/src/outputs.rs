@@ -71,35 +71,17 @@ pub fn hash_file(function: DigestFunction, path: &Path) -> WorkerResult<(BlobKey
         .metadata()
         .map_err(WorkerError::io(format!("stat of output {}", path.display())))?;
     let executable = meta.mode() & 0o100 != 0;
-    let size = meta.len();
-    if size <= IN_MEMORY_MAX {
-        let mut data = Vec::with_capacity(size as usize);
-        f.read_to_end(&mut data)
-            .map_err(WorkerError::io(format!("reading output {}", path.display())))?;
-        let key = BlobKey::of(function, &data);
-        return Ok((key.clone(), Upload::Bytes(key, Bytes::from(data)), executable));
-    }
-    let mut hasher = Hasher::new(function, size);
-    let mut buf = vec![0u8; 256 << 10];
-    let mut total = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(WorkerError::io(format!("reading output {}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    if total != size {
-        return Err(WorkerError::Internal(format!(
-            "output {} changed size while being hashed",
-            path.display()
-        )));
-    }
-    let key = BlobKey::from_raw(function, &hasher.finish(), total)?;
-    Ok((key.clone(), Upload::File(key, path.to_path_buf()), executable))
+    let (key, data) = hash_open(
+        function,
+        &mut f,
+        meta.len(),
+        &format!("output {}", path.display()),
+    )?;
+    let upload = match data {
+        Some(data) => Upload::Bytes(key.clone(), data),
+        None => Upload::File(key.clone(), path.to_path_buf()),
+    };
+    Ok((key, upload, executable))
 }
 
 /// Hashes an open file from its start (stdout/stderr). `None` when it is
@@ -120,12 +102,30 @@ pub fn hash_open_file(
     }
     f.seek(SeekFrom::Start(0))
         .map_err(WorkerError::io(format!("rewinding the action's {what}")))?;
+    let (key, data) = hash_open(function, &mut f, size, &format!("the action's {what}"))?;
+    if let Some(data) = data {
+        return Ok(Some((key.clone(), Upload::Bytes(key, data))));
+    }
+    f.seek(SeekFrom::Start(0))
+        .map_err(WorkerError::io(format!("rewinding the action's {what}")))?;
+    Ok(Some((key.clone(), Upload::Open(key, std::sync::Arc::new(f)))))
+}
+
+/// Hashes `f` from its current offset to its end; `size` is its expected
+/// length (a different length is an error) and `what` names it in errors.
+/// A file of at most [`IN_MEMORY_MAX`] bytes is read into memory and its
+/// content returned with the key.
+fn hash_open(
+    function: DigestFunction,
+    f: &mut std::fs::File,
+    size: u64,
+    what: &str,
+) -> WorkerResult<(BlobKey, Option<Bytes>)> {
     if size <= IN_MEMORY_MAX {
         let mut data = Vec::with_capacity(size as usize);
         f.read_to_end(&mut data)
-            .map_err(WorkerError::io(format!("reading the action's {what}")))?;
-        let key = BlobKey::of(function, &data);
-        return Ok(Some((key.clone(), Upload::Bytes(key, Bytes::from(data)))));
+            .map_err(WorkerError::io(format!("reading {what}")))?;
+        return Ok((BlobKey::of(function, &data), Some(Bytes::from(data))));
     }
     let mut hasher = Hasher::new(function, size);
     let mut buf = vec![0u8; 256 << 10];
@@ -133,7 +133,7 @@ pub fn hash_open_file(
     loop {
         let n = f
             .read(&mut buf)
-            .map_err(WorkerError::io(format!("reading the action's {what}")))?;
+            .map_err(WorkerError::io(format!("reading {what}")))?;
         if n == 0 {
             break;
         }
@@ -142,13 +142,10 @@ pub fn hash_open_file(
     }
     if total != size {
         return Err(WorkerError::Internal(format!(
-            "the action's {what} changed size while being hashed"
+            "{what} changed size while being hashed"
         )));
     }
-    f.seek(SeekFrom::Start(0))
-        .map_err(WorkerError::io(format!("rewinding the action's {what}")))?;
-    let key = BlobKey::from_raw(function, &hasher.finish(), total)?;
-    Ok(Some((key.clone(), Upload::Open(key, std::sync::Arc::new(f)))))
+    Ok((BlobKey::from_raw(function, &hasher.finish(), total)?, None))
 }
 
 /// What an output path turned out to be.
@@ -384,4 +381,68 @@ pub fn collect(
         }
     }
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Small files are hashed in memory, large ones streamed; a path and
+    /// an open handle of the same content get the same key.
+    #[test]
+    fn files_and_open_handles_hash_alike_small_and_large() {
+        let f = DigestFunction::Sha256;
+        let dir = tempfile::tempdir().unwrap();
+        for size in [
+            1usize,
+            IN_MEMORY_MAX as usize,
+            IN_MEMORY_MAX as usize + 1,
+            3 << 20,
+        ] {
+            let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let expected = BlobKey::of(f, &content);
+            let path = dir.path().join(format!("f{size}"));
+            std::fs::write(&path, &content).unwrap();
+            let small = size as u64 <= IN_MEMORY_MAX;
+
+            let (key, upload, executable) = hash_file(f, &path).unwrap();
+            assert_eq!(key, expected, "{size} bytes by path");
+            assert!(!executable);
+            match upload {
+                Upload::Bytes(k, data) => {
+                    assert!(small, "{size} bytes kept in memory");
+                    assert_eq!((k, data.as_ref()), (expected.clone(), content.as_slice()));
+                }
+                Upload::File(k, p) => {
+                    assert!(!small, "{size} bytes not kept in memory");
+                    assert_eq!((k, p), (expected.clone(), path.clone()));
+                }
+                Upload::Open(..) => panic!("a path hashed as an open file"),
+            }
+
+            // An open handle positioned at its end (as after the action
+            // wrote it) is hashed from its start and left rewound.
+            let mut handle = tempfile::tempfile().unwrap();
+            handle.write_all(&content).unwrap();
+            let (key, upload) = hash_open_file(f, handle, "stdout").unwrap().unwrap();
+            assert_eq!(key, expected, "{size} bytes by handle");
+            match upload {
+                Upload::Bytes(k, data) => {
+                    assert!(small, "{size} bytes kept in memory");
+                    assert_eq!((k, data.as_ref()), (expected.clone(), content.as_slice()));
+                }
+                Upload::Open(k, file) => {
+                    assert!(!small, "{size} bytes not kept in memory");
+                    assert_eq!(k, expected);
+                    let mut again = Vec::new();
+                    (&*file).read_to_end(&mut again).unwrap();
+                    assert_eq!(again, content, "the handle was not rewound");
+                }
+                Upload::File(..) => panic!("an open file hashed as a path"),
+            }
+        }
+        let empty = tempfile::tempfile().unwrap();
+        assert!(hash_open_file(f, empty, "stderr").unwrap().is_none());
+    }
 }

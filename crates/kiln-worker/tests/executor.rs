@@ -107,7 +107,7 @@ async fn action_environment_does_not_reach_the_helper() {
     let tmp = tempfile::tempdir().unwrap();
     let exec = executor(tmp.path(), &cas).await;
     let root = TreeSpec::default().upload(&cas).await;
-    let tok = format!("{}.{}", 5000 + std::process::id() % 1000, std::process::id());
+    let tok = token();
     let mut cmd = sh(&format!("sleep {tok}"));
     cmd.environment_variables
         .push(kiln_proto::reapi::command::EnvironmentVariable {
@@ -120,10 +120,6 @@ async fn action_environment_does_not_reach_the_helper() {
     let task = tokio::spawn(async move { e.execute(j, c).await });
     let start = std::time::Instant::now();
     let environ = |pid: u32| std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    let cmdline = |pid: u32| {
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
-            .replace('\0', " ")
-    };
     // Wait for the command itself (its argv has no "kiln-sandbox").
     let command_pid = loop {
         let pids = processes_with(&tok);
@@ -139,18 +135,7 @@ async fn action_environment_does_not_reach_the_helper() {
     // Above the command (and the shell that runs it) are the action's init
     // (a clone of the zygote, so with the zygote's command line) and the
     // slot's zygote.
-    let mut helpers = Vec::new();
-    let mut p = command_pid;
-    for _ in 0..8 {
-        let Some(parent) = parent_of(p) else { break };
-        if cmdline(parent).contains("zygote") {
-            helpers.push(parent);
-            if helpers.len() == 2 {
-                break;
-            }
-        }
-        p = parent;
-    }
+    let helpers = zygotes_above(command_pid);
     assert_eq!(helpers.len(), 2, "init and zygote above the command");
     for p in helpers {
         assert!(
@@ -264,11 +249,7 @@ async fn expect_invalid(tree: TreeSpec, cmd: Command, allow_absolute: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let outside = tmp.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.allow_absolute_symlinks = allow_absolute;
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| c.allow_absolute_symlinks = allow_absolute).await;
     let root = tree.upload(&cas).await;
     let resp = run(&exec, job(&cas, cmd, root, T).await).await;
     assert_eq!(
@@ -464,11 +445,7 @@ async fn sandbox_hides_worker_directories_and_gives_private_tmp() {
 async fn consecutive_actions_of_a_slot_do_not_see_each_others_leftovers() {
     let cas = start_default_cas().await;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.slots = Some(1);
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| c.slots = Some(1)).await;
     let root = TreeSpec::default().upload(&cas).await;
     // Leave files (one in a directory the action locks), an IPC segment, a
     // changed host name and junk in the input root behind.
@@ -481,13 +458,7 @@ async fn consecutive_actions_of_a_slot_do_not_see_each_others_leftovers() {
     assert_eq!(code(&resp), 0, "{:?}", resp.status);
     // The work directory lives under the test's temporary directory: when
     // that is in /tmp, the way to the input root is (rightly) kept there.
-    let way = tmp
-        .path()
-        .strip_prefix("/tmp")
-        .ok()
-        .and_then(|p| p.components().next())
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .unwrap_or_else(|| "-".into());
+    let way = way_in_tmp(tmp.path());
     let mut probe = sh(&format!(
         "ls -A /tmp /dev/shm /var/tmp . | grep -v ':$' | grep -v '^$' | grep -v '^o$' | grep -vx -- '{way}' > o; \
          ipcs -m | grep -c '^0x' >> o; hostname >> o; stat -c %a . >> o"
@@ -500,50 +471,141 @@ async fn consecutive_actions_of_a_slot_do_not_see_each_others_leftovers() {
     assert!(slots_are_clean(&tmp.path().join("work")));
 }
 
+/// add_key(2) of a "user" key `kiln-leak` in the user keyring (x86-64:
+/// syscall 248 from Python; elsewhere nothing).
+const ADD_KEY: &str = if cfg!(target_arch = "x86_64") {
+    "python3 -c 'import ctypes; l=ctypes.CDLL(None); \
+     assert l.syscall(248, b\"user\", b\"kiln-leak\", b\"secret\", 6, -4) > 0'"
+} else {
+    "true"
+};
+
+/// Appends "key" to `o` if the key of [`ADD_KEY`] is there, "no key"
+/// otherwise (keyctl(2), syscall 250: KEYCTL_SEARCH (10) of the user
+/// keyring (-4)).
+const SEARCH_KEY: &str = if cfg!(target_arch = "x86_64") {
+    "python3 -c 'import ctypes; l=ctypes.CDLL(None); \
+     print(\"key\" if l.syscall(250, 10, -4, b\"user\", b\"kiln-leak\", 0) > 0 else \"no key\")' >> o"
+} else {
+    "echo no key >> o"
+};
+
 /// More state an action could leave for the next one of its slot:
 /// extended attributes on the input root, keys in the kernel keyrings
-/// (x86-64: raw syscalls from Python), a tree too deep for recursive
-/// removal. None of it reaches the next action.
+/// (x86-64: raw syscalls from Python), trees too deep for recursive
+/// removal in the input root and in the private /tmp. None of it reaches
+/// the next action, and the slot's zygote cleans it up itself (a zygote
+/// that fails to is replaced, with fresh tmpfs's: that would hide a
+/// failure here).
 #[tokio::test]
 async fn attributes_keys_and_deep_trees_do_not_outlive_an_action() {
     let cas = start_default_cas().await;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.slots = Some(1);
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| c.slots = Some(1)).await;
+    let zygotes = exec.sandbox().zygote_pids();
     let root = TreeSpec::default().upload(&cas).await;
-    let add_key = if cfg!(target_arch = "x86_64") {
-        // add_key(2) is syscall 248: a "user" key in the user keyring (-4).
-        "python3 -c 'import ctypes; l=ctypes.CDLL(None); \
-         assert l.syscall(248, b\"user\", b\"kiln-leak\", b\"secret\", 6, -4) > 0'"
-    } else {
-        "true"
-    };
+    let deep = "python3 -c 'import os\nfor i in range(3000): os.mkdir(\"d\"); os.chdir(\"d\")\nopen(\"f\",\"w\").write(\"x\")'";
     let dirty = sh(&format!(
-        "set -e; python3 -c 'import os; os.setxattr(\".\", \"user.kiln\", b\"leak\")'; {add_key}; \
-         python3 -c 'import os\nfor i in range(3000): os.mkdir(\"d\"); os.chdir(\"d\")\nopen(\"f\",\"w\").write(\"x\")'"
+        "set -e; python3 -c 'import os; os.setxattr(\".\", \"user.kiln\", b\"leak\")'; {ADD_KEY}; \
+         {deep}; (cd /tmp && {deep})"
     ));
     let resp = run(&exec, job(&cas, dirty, root.clone(), T).await).await;
     assert_eq!(code(&resp), 0, "{:?}", resp.status);
-    let request_key = if cfg!(target_arch = "x86_64") {
-        // keyctl(2) is syscall 250: KEYCTL_SEARCH (10) of the user
-        // keyring (-4) finds the key if it survived.
-        "python3 -c 'import ctypes; l=ctypes.CDLL(None); \
-         print(\"key\" if l.syscall(250, 10, -4, b\"user\", b\"kiln-leak\", 0) > 0 else \"no key\")' >> o"
-    } else {
-        "echo no key >> o"
-    };
+    assert_eq!(
+        resp.result.as_ref().unwrap().exit_code,
+        0,
+        "{}",
+        stderr_of(&cas, &resp).await
+    );
+    let way = way_in_tmp(tmp.path());
     let mut probe = sh(&format!(
-        "python3 -c 'import os; print(os.listxattr(\".\"), sorted(os.listdir(\".\")))' > o; {request_key}"
+        "python3 -c 'import os; print(os.listxattr(\".\"), sorted(os.listdir(\".\")))' > o; {SEARCH_KEY}; \
+         ls -A /tmp | grep -vx -- '{way}' >> o || true"
     ));
     probe.output_paths = vec!["o".into()];
     let resp = run(&exec, job(&cas, probe, root, T).await).await;
     assert_eq!(code(&resp), 0, "{:?}", resp.status);
     let o = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["o"]).await).unwrap();
     assert_eq!(o, "[] ['o']\nno key\n", "leftovers seen by the next action");
+    assert_eq!(exec.sandbox().zygote_pids(), zygotes, "the zygote was replaced");
     assert!(slots_are_clean(&tmp.path().join("work")));
+}
+
+/// A slot without private tmpfs's (`sandbox.tmpfs = []`) still has its
+/// keyrings cleared between actions.
+#[tokio::test]
+async fn keys_do_not_outlive_an_action_without_private_tmpfs() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| {
+        c.slots = Some(1);
+        c.sandbox.tmpfs = Vec::new();
+    })
+    .await;
+    let zygotes = exec.sandbox().zygote_pids();
+    let root = TreeSpec::default().upload(&cas).await;
+    let dirty = sh(&format!("set -e; {ADD_KEY}; rm -f o; {SEARCH_KEY}; cat o"));
+    let resp = run(&exec, job(&cas, dirty, root.clone(), T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let added = if cfg!(target_arch = "x86_64") {
+        "key\n"
+    } else {
+        "no key\n"
+    };
+    assert_eq!(
+        stdout_of(&cas, &resp).await,
+        added,
+        "{}",
+        stderr_of(&cas, &resp).await
+    );
+    let mut probe = sh(SEARCH_KEY);
+    probe.output_paths = vec!["o".into()];
+    let resp = run(&exec, job(&cas, probe, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let o = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["o"]).await).unwrap();
+    assert_eq!(o, "no key\n", "a key outlived its action");
+    assert_eq!(exec.sandbox().zygote_pids(), zygotes, "the zygote was replaced");
+}
+
+/// The zygote gives the private /tmp its mode (1777) and extended
+/// attributes back after an action changed them. (With a root worker the
+/// tmpfs is root's and the action cannot change it at all; with a non-root
+/// worker the action owns it and the zygote undoes what it did.)
+#[tokio::test]
+async fn the_private_tmp_gets_its_mode_and_attributes_back() {
+    let cas = start_default_cas().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| c.slots = Some(1)).await;
+    let zygotes = exec.sandbox().zygote_pids();
+    let root = TreeSpec::default().upload(&cas).await;
+    let mut dirty = sh(
+        "chmod 700 /tmp 2>/dev/null && echo chmod-ok > o || echo chmod-refused > o; \
+         python3 -c 'import os\ntry:\n os.setxattr(\"/tmp\", \"user.kiln\", b\"leak\"); print(\"xattr-ok\")\nexcept OSError as e:\n print(\"xattr-refused\", e.errno)' >> o",
+    );
+    dirty.output_paths = vec!["o".into()];
+    let resp = run(&exec, job(&cas, dirty, root.clone(), T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let o = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["o"]).await).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(
+            o, "chmod-refused\nxattr-refused 1\n",
+            "the action changed root's tmpfs"
+        );
+    } else {
+        // Kernels before 6.6 have no user attributes on tmpfs.
+        assert!(
+            o == "chmod-ok\nxattr-ok\n" || o == "chmod-ok\nxattr-refused 95\n",
+            "{o}"
+        );
+    }
+    let mut probe = sh("stat -c %a /tmp > o; \
+         python3 -c 'import os; print([a for a in os.listxattr(\"/tmp\") if a.startswith(\"user.\")])' >> o");
+    probe.output_paths = vec!["o".into()];
+    let resp = run(&exec, job(&cas, probe, root, T).await).await;
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    let o = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["o"]).await).unwrap();
+    assert_eq!(o, "1777\n[]\n", "the next action saw the changed /tmp");
+    assert_eq!(exec.sandbox().zygote_pids(), zygotes, "the zygote was replaced");
 }
 
 /// A descriptor the worker inherited without close-on-exec (from whatever
@@ -590,11 +652,7 @@ async fn inherited_descriptors_do_not_reach_actions() {
 async fn too_much_stdout_is_resource_exhausted() {
     let cas = start_default_cas().await;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.sandbox.max_stdio_bytes = 1 << 20;
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| c.sandbox.max_stdio_bytes = 1 << 20).await;
     let root = TreeSpec::default().upload(&cas).await;
     let start = std::time::Instant::now();
     let resp = run(&exec, job(&cas, sh("yes"), root, T).await).await;

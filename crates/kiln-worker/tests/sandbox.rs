@@ -79,25 +79,118 @@ async fn loopback_works_inside_the_sandbox_and_is_private_per_slot() {
     // A server and a client inside the same action talk over 127.0.0.1.
     let mut cmd = sh("ip -br addr show lo > lo 2>&1 || echo no-ip > lo");
     cmd.output_paths = vec!["lo".into()];
-    let resp = run(&exec, job(&cas, cmd, root, T).await).await;
+    let resp = run(&exec, job(&cas, cmd, root.clone(), T).await).await;
     assert_eq!(code(&resp), 0, "{:?}", resp.status);
     let lo = String::from_utf8(read_blob(&cas, &outputs_by_path(&resp)["lo"]).await).unwrap();
     if !lo.starts_with("no-ip") {
         assert!(lo.contains("127.0.0.1"), "{lo}");
         assert!(lo.contains("UNKNOWN") || lo.contains("UP"), "{lo}");
     }
+
+    // Private per slot: while an action of one slot listens on
+    // 127.0.0.1:PORT, an action of the other slot cannot connect to it,
+    // and the listener itself still can. (Python is needed, and a missing
+    // one fails the test: the listener exits 127.)
+    let listener = job(&cas, python(LISTEN, &[]), root.clone(), T).await;
+    let e = exec.clone();
+    let listening = tokio::spawn(async move { e.execute(listener, CancellationToken::new()).await });
+    let roots = [slot_root(tmp.path(), 0), slot_root(tmp.path(), 1)];
+    let start = Instant::now();
+    let (port, listener_root) = loop {
+        if let Some((port, root)) = roots
+            .iter()
+            .find_map(|r| Some((std::fs::read_to_string(r.join("port")).ok()?, r.clone())))
+        {
+            break (port, root);
+        }
+        if listening.is_finished() {
+            let resp = listening.await.unwrap();
+            panic!(
+                "the listener ended before listening: {:?}, exit code {}, {}",
+                resp.status,
+                resp.result.as_ref().map_or(-1, |r| r.exit_code),
+                stderr_of(&cas, &resp).await
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the listener never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let other = job(&cas, python(CONNECT, &[&port]), root, T).await;
+    let resp = tokio::time::timeout(Duration::from_secs(30), run(&exec, other))
+        .await
+        .expect("the connecting action hung");
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    assert_eq!(
+        stdout_of(&cas, &resp).await,
+        "refused\n",
+        "the other slot reached 127.0.0.1:{port}: {}",
+        stderr_of(&cas, &resp).await
+    );
+    std::fs::write(listener_root.join("stop"), b"").unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), listening)
+        .await
+        .expect("the listener hung")
+        .unwrap();
+    assert_eq!(code(&resp), 0, "{:?}", resp.status);
+    assert_eq!(
+        stdout_of(&cas, &resp).await,
+        "accepted 0, then itself\n",
+        "{}",
+        stderr_of(&cas, &resp).await
+    );
 }
 
-fn token() -> String {
-    // A sleep argument no other process on the machine has.
-    format!("{}.{}", 3000 + std::process::id() % 1000, rand_digits())
-}
+/// Listens on 127.0.0.1 (a free port, written to `port`) until a file
+/// `stop` appears (at most 30 s), counting connections; then connects to
+/// itself.
+const LISTEN: &str = r#"
+import os, socket, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+s.settimeout(0.05)
+port = s.getsockname()[1]
+with open("port.tmp", "w") as f:
+    f.write(str(port))
+os.rename("port.tmp", "port")
+accepted = 0
+deadline = time.monotonic() + 30
+while not os.path.exists("stop"):
+    if time.monotonic() > deadline:
+        raise SystemExit("never told to stop")
+    try:
+        s.accept()[0].close()
+        accepted += 1
+    except socket.timeout:
+        pass
+c = socket.create_connection(("127.0.0.1", port), timeout=5)
+s.settimeout(5)
+s.accept()[0].close()
+print(f"accepted {accepted}, then itself")
+"#;
 
-fn rand_digits() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
+/// Connects to 127.0.0.1:`argv[1]`.
+const CONNECT: &str = r#"
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5).close()
+    print("connected")
+except ConnectionRefusedError:
+    print("refused")
+"#;
+
+/// `python3 -c SCRIPT ARGS...` (looked up on the action's PATH).
+fn python(script: &str, args: &[&str]) -> kiln_proto::reapi::Command {
+    let mut cmd = sh("");
+    cmd.arguments = ["python3", "-c", script]
+        .iter()
+        .chain(args)
+        .map(|a| a.to_string())
+        .collect();
+    cmd
 }
 
 /// A command whose children and grandchildren sleep, one in a new session
@@ -216,11 +309,7 @@ async fn background_processes_do_not_outlive_the_command() {
 async fn unsandboxed_mode_kills_the_process_group() {
     let cas = start_default_cas().await;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.sandbox.enabled = false;
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| c.sandbox.enabled = false).await;
     let root = TreeSpec::default().upload(&cas).await;
     let tok = token();
     let resp = run(
@@ -249,11 +338,10 @@ async fn helper_as_a_sub_command_of_a_multi_call_binary() {
     // leading argument before the mode.
     let cas = start_default_cas().await;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.sandbox.helper = vec![helper(), "sandbox-helper".into()];
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| {
+        c.sandbox.helper = vec![helper(), "sandbox-helper".into()]
+    })
+    .await;
     let root = TreeSpec::default().upload(&cas).await;
     let tok = token();
     let j = job(&cas, sh(&format!("sleep {tok}")), root, T).await;
@@ -261,25 +349,17 @@ async fn helper_as_a_sub_command_of_a_multi_call_binary() {
     let (e, c) = (exec.clone(), cancel.clone());
     let task = tokio::spawn(async move { e.execute(j, c).await });
     wait_for_processes(&tok, 1).await;
-    let cmdline = |pid: u32| {
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
-            .replace('\0', " ")
-    };
     // The action's ancestors: its init and the slot's zygote, both started
     // as `<helper> sandbox-helper zygote ...`.
-    let mut p = processes_with(&tok)[0];
-    let mut helpers = Vec::new();
-    for _ in 0..8 {
-        let Some(parent) = parent_of(p) else { break };
-        let c = cmdline(parent);
-        if c.contains("kiln-sandbox") {
-            helpers.push(c);
-        }
-        p = parent;
-    }
+    let helpers: Vec<String> = zygotes_above(processes_with(&tok)[0])
+        .into_iter()
+        .map(cmdline)
+        .collect();
     assert_eq!(helpers.len(), 2, "{helpers:?}");
     assert!(
-        helpers.iter().all(|c| c.contains("sandbox-helper zygote")),
+        helpers
+            .iter()
+            .all(|c| c.contains("kiln-sandbox") && c.contains("sandbox-helper zygote")),
         "{helpers:?}"
     );
     cancel.cancel();
@@ -347,11 +427,10 @@ async fn noop_action_overhead() {
     for _ in 0..3 {
         assert_eq!(code(&run(&exec, j.clone()).await), 0);
     }
-    let mut cfg = config(&tmp.path().join("unsandboxed"));
-    cfg.sandbox.enabled = false;
-    let plain = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let plain = executor_with(&tmp.path().join("unsandboxed"), &cas, |c| {
+        c.sandbox.enabled = false
+    })
+    .await;
     for _ in 0..3 {
         assert_eq!(code(&run(&plain, j.clone()).await), 0);
     }
@@ -422,38 +501,21 @@ async fn noop_action_overhead() {
 async fn killing_a_zygote_kills_its_action_and_the_slot_recovers() {
     let cas = start_default_cas().await;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.slots = Some(1);
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| c.slots = Some(1)).await;
     let root = TreeSpec::default().upload(&cas).await;
     let tok = token();
     let j = job(&cas, sh(&tree_script(&tok)), root.clone(), T).await;
     let e = exec.clone();
     let task = tokio::spawn(async move { e.execute(j, CancellationToken::new()).await });
     wait_for_processes(&tok, 4).await;
-    let cmdline = |pid: u32| {
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
-            .replace('\0', " ")
-    };
     // The outermost ancestor started as a zygote is the slot's zygote (the
     // action's init, a clone of it, has the same command line).
-    let mut p = processes_with(&tok)[0];
-    let mut zygote = None;
-    for _ in 0..10 {
-        let Some(parent) = parent_of(p) else { break };
-        if cmdline(parent).contains("zygote") {
-            zygote = Some(parent);
-        }
-        p = parent;
-    }
-    let zygote = zygote.expect("the action runs under a zygote");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(zygote as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let zygote = *zygotes_above(processes_with(&tok)[0])
+        .last()
+        .expect("the action runs under a zygote");
+    // Started by the worker (this process) itself.
+    assert_eq!(parent_of(zygote), Some(std::process::id()));
+    kill9(zygote);
     let resp = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .expect("the execution ended")
@@ -477,11 +539,10 @@ async fn killing_a_zygote_kills_its_action_and_the_slot_recovers() {
 async fn timeout_terminates_a_direct_command_with_sigterm() {
     let cas = start_default_cas().await;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.sandbox.kill_grace = Duration::from_secs(20);
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| {
+        c.sandbox.kill_grace = Duration::from_secs(20)
+    })
+    .await;
     let root = TreeSpec::default().upload(&cas).await;
 
     let mut signals = sh("");
@@ -540,23 +601,16 @@ async fn a_slot_that_cannot_restart_goes_out_of_service_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("kiln-sandbox-copy");
     std::fs::copy(helper(), &copy).unwrap();
-    let mut cfg = config(tmp.path());
-    cfg.sandbox.helper = vec![copy.to_string_lossy().into_owned()];
-    let exec = kiln_worker::Executor::new(cfg, cas.channel.clone())
-        .await
-        .unwrap();
+    let exec = executor_with(tmp.path(), &cas, |c| {
+        c.sandbox.helper = vec![copy.to_string_lossy().into_owned()]
+    })
+    .await;
     let root = TreeSpec::default().upload(&cas).await;
-    let kill = |pid: u32| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap()
-    };
     // The helper disappears and the zygote of the slot used next dies.
     std::fs::rename(&copy, tmp.path().join("away")).unwrap();
-    kill(exec.sandbox().zygote_pids()[0]);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let first = exec.sandbox().zygote_pids()[0];
+    kill9(first);
+    wait_dead(first).await;
     let mut codes = Vec::new();
     for i in 0..4 {
         let j = job(&cas, sh(&format!("echo {i}")), root.clone(), T).await;
@@ -582,24 +636,46 @@ async fn a_slot_that_cannot_restart_goes_out_of_service_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Both slots run actions at once again.
-    let a = tokio::spawn({
-        let (e, j) = (
-            exec.clone(),
-            job(&cas, sh("sleep 0.3; echo a"), root.clone(), T).await,
+    // Both slots run actions at once again: each action says it started
+    // and waits (at most 20 s) to be let go, which happens only once both
+    // have started.
+    let mut tasks = Vec::new();
+    for name in ["a", "b"] {
+        let script = format!(
+            "touch started; i=0; while [ ! -e go ]; do i=$((i+1)); [ $i -le 400 ] || exit 9; \
+             sleep 0.05; done; echo {name}"
         );
-        async move { e.execute(j, CancellationToken::new()).await }
-    });
-    let b = run(&exec, job(&cas, sh("sleep 0.3; echo b"), root.clone(), T).await).await;
-    assert_eq!(code(&b), 0, "{:?}", b.status);
-    assert_eq!(code(&a.await.unwrap()), 0);
+        let (e, j) = (exec.clone(), job(&cas, sh(&script), root.clone(), T).await);
+        tasks.push(tokio::spawn(async move {
+            e.execute(j, CancellationToken::new()).await
+        }));
+    }
+    let roots = [slot_root(tmp.path(), 0), slot_root(tmp.path(), 1)];
+    wait_until("both slots running an action", Duration::from_secs(20), || {
+        roots.iter().all(|r| r.join("started").exists())
+    })
+    .await;
+    for r in &roots {
+        std::fs::write(r.join("go"), b"").unwrap();
+    }
+    let mut outs = Vec::new();
+    for t in tasks {
+        let resp = tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("a parallel action hung")
+            .unwrap();
+        assert_eq!(code(&resp), 0, "{:?}", resp.status);
+        assert_eq!(resp.result.as_ref().unwrap().exit_code, 0, "never let go");
+        outs.push(stdout_of(&cas, &resp).await);
+    }
+    assert_eq!(outs, ["a\n", "b\n"]);
 
     // Every slot out of service: UNAVAILABLE, promptly.
     std::fs::rename(&copy, tmp.path().join("away")).unwrap();
     for pid in exec.sandbox().zygote_pids() {
-        kill(pid);
+        kill9(pid);
+        wait_dead(pid).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..2 {
         let _ = run(&exec, job(&cas, sh("true"), root.clone(), T).await).await;
     }

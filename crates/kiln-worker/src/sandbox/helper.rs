@@ -14,10 +14,10 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 
-use nix::errno::Errno;
 use nix::sched::{CloneFlags, unshare};
 use nix::unistd::{Gid, Uid};
 
+use super::errno;
 use super::zygote::{ZygoteOptions, zygote_main};
 
 /// Exit code of the helper when it could not set the sandbox up.
@@ -99,10 +99,6 @@ fn parse(args: &[String]) -> Result<ZygoteOptions, String> {
         return Err("zygote needs --root".into());
     }
     Ok(o)
-}
-
-fn errno(what: &str) -> impl FnOnce(Errno) -> String + '_ {
-    move |e| format!("{what}: {e}")
 }
 
 /// Root drops to the sandbox user before creating the user namespace, so

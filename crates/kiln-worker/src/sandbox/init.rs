@@ -29,6 +29,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use prost::Message;
 
+use super::errno;
 use super::protocol::{Finished, RunRequest};
 
 /// What init needs, prepared by the zygote before the clone.
@@ -77,10 +78,6 @@ pub fn init_main(spec: &InitSpec<'_>) -> i32 {
     // Under PIPE_BUF bytes: one atomic write.
     let _ = out.write_all(&record.encode_to_vec());
     0
-}
-
-fn errno(what: &str) -> impl FnOnce(Errno) -> String + '_ {
-    move |e| format!("{what}: {e}")
 }
 
 fn run(spec: &InitSpec<'_>) -> Result<Finished, String> {

@@ -55,7 +55,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -107,11 +107,23 @@ pub struct Report {
     pub max_rss_kb: i64,
 }
 
+impl From<&protocol::Finished> for Report {
+    fn from(f: &protocol::Finished) -> Report {
+        Report {
+            exit_code: f.exit_code,
+            signal: f.signal,
+            user_cpu_us: f.user_cpu_us,
+            system_cpu_us: f.system_cpu_us,
+            max_rss_kb: f.max_rss_kb,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RunOutcome {
     pub ending: Ending,
-    /// The command's exit code (128 + signal if killed by one).
-    pub exit_code: i32,
+    /// The command's exit code (128 + signal if killed by one) and its
+    /// resource usage.
     pub report: Report,
     pub sandboxed: bool,
     pub network: bool,
@@ -253,14 +265,13 @@ impl Sandbox {
             .await??;
         }
         for i in 0..n {
-            let z = sandbox.start_zygote(i, false).await.map_err(|e| {
+            sandbox.install_zygote(i).await.map_err(|e| {
                 if sandbox.enabled {
                     unavailable(&e)
                 } else {
                     WorkerError::Sandbox(format!("starting the sandbox helper: {e}"))
                 }
             })?;
-            sandbox.slots[i].zygotes.lock()[0] = Some(z);
         }
         sandbox.probe().await?;
         Ok(sandbox)
@@ -339,6 +350,21 @@ impl Sandbox {
         ZygoteProcess::start(&self.helper, &self.zygote_args(slot, network)).await
     }
 
+    /// Starts the slot's zygote without network and puts it in the slot.
+    async fn install_zygote(&self, slot: usize) -> Result<(), String> {
+        let z = self.start_zygote(slot, false).await?;
+        self.slots[slot].zygotes.lock()[0] = Some(z);
+        Ok(())
+    }
+
+    /// Empties the slot's input root and restores its mode, owner and
+    /// attributes ([`reset_root`]), on a blocking thread.
+    async fn reset_slot_root(&self, slot: usize) -> WorkerResult<()> {
+        let root = self.slots[slot].root.clone();
+        let owner = self.owner();
+        kiln_store::task::blocking("sandbox-slot-reset", move || reset_root(&root, owner)).await?
+    }
+
     /// Takes a free slot, waiting for one when all are busy (the scheduler
     /// never assigns more actions than slots, so normally none waits).
     /// Fails UNAVAILABLE at once when every slot is out of service, and
@@ -375,7 +401,7 @@ impl Sandbox {
             sandbox: self.clone(),
             index,
             permit: Some(permit),
-            broken: AtomicBool::new(false),
+            broken: Mutex::new(None),
         })
     }
 
@@ -414,15 +440,10 @@ impl Sandbox {
     }
 
     async fn recover(&self, index: usize) -> WorkerResult<()> {
-        let root = self.slots[index].root.clone();
-        let owner = self.owner();
-        kiln_store::task::blocking("sandbox-slot-reset", move || reset_root(&root, owner)).await??;
-        let z = self
-            .start_zygote(index, false)
+        self.reset_slot_root(index).await?;
+        self.install_zygote(index)
             .await
-            .map_err(|e| WorkerError::Sandbox(format!("starting the sandbox: {e}")))?;
-        self.slots[index].zygotes.lock()[0] = Some(z);
-        Ok(())
+            .map_err(|e| WorkerError::Sandbox(format!("starting the sandbox: {e}")))
     }
 
     /// Runs a trivial command through the whole path, so that a sandbox
@@ -439,10 +460,10 @@ impl Sandbox {
         let out = lease.run(&spec, &CancellationToken::new()).await;
         lease.release().await?;
         match out {
-            Ok(o) if o.exit_code == 7 => Ok(()),
+            Ok(o) if o.report.exit_code == 7 => Ok(()),
             Ok(o) => Err(WorkerError::Sandbox(format!(
                 "the sandbox probe `sh -c 'exit 7'` exited with {} instead of 7",
-                o.exit_code
+                o.report.exit_code
             ))),
             Err(e) => Err(WorkerError::Sandbox(format!(
                 "the sandbox probe failed: {e}. To run actions WITHOUT a sandbox (UNSAFE), set \
@@ -459,8 +480,9 @@ pub struct SlotLease {
     sandbox: Arc<Sandbox>,
     index: usize,
     permit: Option<OwnedSemaphorePermit>,
-    /// The slot's zygote could not be started: recover before reuse.
-    broken: AtomicBool,
+    /// Why the slot's zygote could not be started, if it could not:
+    /// recover before reuse.
+    broken: Mutex<Option<String>>,
 }
 
 impl SlotLease {
@@ -490,8 +512,7 @@ impl SlotLease {
                     Ok(z) => z,
                     Err(e) => {
                         let msg = format!("starting the sandbox: {e}");
-                        self.broken.store(true, Ordering::SeqCst);
-                        *sandbox.last_problem.lock() = msg.clone();
+                        *self.broken.lock() = Some(msg.clone());
                         return Err(WorkerError::Sandbox(msg));
                     }
                 }
@@ -524,14 +545,7 @@ impl SlotLease {
                 slot.zygotes.lock()[kind] = Some(zygote);
                 Ok(RunOutcome {
                     ending,
-                    exit_code: f.exit_code,
-                    report: Report {
-                        exit_code: f.exit_code,
-                        signal: f.signal,
-                        user_cpu_us: f.user_cpu_us,
-                        system_cpu_us: f.system_cpu_us,
-                        max_rss_kb: f.max_rss_kb,
-                    },
+                    report: Report::from(&f),
                     sandboxed: sandbox.enabled,
                     network: spec.network || !sandbox.enabled,
                     stdout: File::from(stdout),
@@ -557,24 +571,17 @@ impl SlotLease {
     /// cannot be emptied (or whose zygote would not start) goes out of
     /// service until it is recovered, so no action ever gets a dirty root.
     pub async fn release(mut self) -> WorkerResult<()> {
-        let root = self.root().to_path_buf();
-        let owner = self.sandbox.owner();
-        let r = kiln_store::task::blocking("sandbox-slot-reset", move || reset_root(&root, owner))
-            .await
-            .map_err(WorkerError::from)
-            .and_then(|r| r);
+        let r = self.sandbox.reset_slot_root(self.index).await;
         let Some(permit) = self.permit.take() else {
             return r;
         };
-        match (&r, self.broken.load(Ordering::SeqCst)) {
-            (Ok(()), false) => {
+        let broken = self.broken.lock().take();
+        match (&r, broken) {
+            (Ok(()), None) => {
                 self.sandbox.free.lock().push(self.index);
                 drop(permit);
             }
-            (Ok(()), true) => {
-                let why = self.sandbox.last_problem.lock().clone();
-                self.sandbox.quarantine(self.index, permit, why);
-            }
+            (Ok(()), Some(why)) => self.sandbox.quarantine(self.index, permit, why),
             (Err(e), _) => {
                 self.sandbox
                     .quarantine(self.index, permit, format!("emptying the input root: {e}"))
@@ -603,6 +610,12 @@ impl Drop for SlotLease {
     }
 }
 
+/// Maps a system call's error to a message saying what failed (the
+/// sandbox helper's errors are strings).
+pub(super) fn errno(what: &str) -> impl FnOnce(nix::errno::Errno) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
 /// An anonymous memory file (close-on-exec).
 fn memory_file(name: &str) -> WorkerResult<OwnedFd> {
     memfd_create(name, MFdFlags::MFD_CLOEXEC)
@@ -619,20 +632,11 @@ fn reset_root(root: &Path, owner: Option<Owner>) -> WorkerResult<()> {
     ))?;
     crate::wipe::empty_dir(root)
         .map_err(|e| WorkerError::Sandbox(format!("emptying {}: {e}", root.display())))?;
-    let names = xattr::list(root).map_err(WorkerError::io(format!(
-        "listing the attributes of {}",
-        root.display()
-    )))?;
     // What an unprivileged action can set: user attributes and ACLs.
-    for name in names.filter(|n| {
-        let n = n.to_string_lossy();
-        n.starts_with("user.") || n.starts_with("system.posix_acl_")
-    }) {
-        xattr::remove(root, &name).map_err(WorkerError::io(format!(
-            "removing attribute {name:?} of {}",
-            root.display()
-        )))?;
-    }
+    crate::wipe::remove_owner_xattrs(root).map_err(|e| WorkerError::Io {
+        context: e.what,
+        source: e.source,
+    })?;
     if let Some(o) = owner {
         std::os::unix::fs::lchown(root, Some(o.uid), Some(o.gid))
             .map_err(WorkerError::io("handing the input root to the sandbox user"))?;

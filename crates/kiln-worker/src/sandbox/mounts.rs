@@ -8,12 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 
-fn errno(what: &str) -> impl FnOnce(Errno) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
+use super::errno;
 
 /// A private tmpfs of the slot, emptied between actions.
 #[derive(Debug, Clone)]
@@ -209,10 +206,11 @@ fn unescape_mount_path(s: &str) -> String {
 }
 
 /// Removes everything inside the private tmpfs `dir` (not `dir` itself)
-/// without following symlinks or crossing into another file system; the
-/// directories leading to `keep` (the slot's input root, when it lies
-/// under this tmpfs) stay, and `keep` itself is not entered. `empty_size`:
-/// the directory's size when it is empty (then there is nothing to list).
+/// without following symlinks or crossing into another file system, at
+/// any depth ([`crate::wipe::empty_dir_keeping`]); the directories leading
+/// to `keep` (the slot's input root, when it lies under this tmpfs) stay,
+/// and `keep` itself is not entered. `empty_size`: the directory's size
+/// when it is empty (then there is nothing to list).
 pub fn empty_dir(dir: &Path, empty_size: Option<u64>, keep: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let meta = match std::fs::symlink_metadata(dir) {
@@ -223,7 +221,7 @@ pub fn empty_dir(dir: &Path, empty_size: Option<u64>, keep: &Path) -> Result<(),
     if Some(meta.size()) == empty_size {
         return Ok(());
     }
-    empty_inside(dir, meta.dev(), Some(keep), 0)
+    crate::wipe::empty_dir_keeping(dir, keep).map_err(|e| format!("emptying {}: {e}", dir.display()))
 }
 
 /// Makes a private tmpfs as it was before the action: empty (but for the
@@ -258,48 +256,7 @@ pub fn reset_scratch(scratch: &Scratch, root: &Path) -> Result<(), String> {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("resetting the mode of {}: {e}", dir.display()))?;
         }
-        let names =
-            xattr::list(&dir).map_err(|e| format!("listing the attributes of {}: {e}", dir.display()))?;
-        // What an unprivileged owner can set: user attributes and ACLs.
-        for name in names.filter(|n| {
-            let n = n.to_string_lossy();
-            n.starts_with("user.") || n.starts_with("system.posix_acl_")
-        }) {
-            xattr::remove(&dir, &name)
-                .map_err(|e| format!("removing attribute {name:?} of {}: {e}", dir.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Deepest directory nesting removed (a bound on the recursion).
-const MAX_DEPTH: usize = 4096;
-
-fn empty_inside(dir: &Path, dev: u64, keep: Option<&Path>, depth: usize) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    if depth > MAX_DEPTH {
-        return Err(format!("{} is nested too deeply to empty", dir.display()));
-    }
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("listing {}: {e}", dir.display()))?;
-        let path = entry.path();
-        let meta =
-            std::fs::symlink_metadata(&path).map_err(|e| format!("stat of {}: {e}", path.display()))?;
-        if !meta.is_dir() {
-            std::fs::remove_file(&path).map_err(|e| format!("removing {}: {e}", path.display()))?;
-            continue;
-        }
-        if keep.is_some_and(|k| k == path) || meta.dev() != dev {
-            // The input root (or another mount): not ours to empty.
-            continue;
-        }
-        if keep.is_some_and(|k| k.starts_with(&path)) {
-            empty_inside(&path, dev, keep, depth + 1)?;
-            continue;
-        }
-        empty_inside(&path, dev, None, depth + 1)?;
-        std::fs::remove_dir(&path).map_err(|e| format!("removing {}: {e}", path.display()))?;
+        crate::wipe::remove_owner_xattrs(&dir).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -307,6 +264,7 @@ fn empty_inside(dir: &Path, dev: u64, keep: Option<&Path>, depth: usize) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn mountinfo_unescape() {
@@ -330,15 +288,92 @@ mod tests {
         std::fs::create_dir_all(&keep).unwrap();
         std::fs::write(keep.join("output"), b"3").unwrap();
         std::fs::write(d.join("a/junk"), b"4").unwrap();
+        // Trees deeper than the directories kept open at once (see
+        // crate::wipe), at the top and on the way to the root, and a
+        // locked directory on the way.
+        deep_tree(&d, 300);
+        deep_tree(&d.join("a/b"), 300);
+        std::fs::create_dir_all(d.join("a/locked/inner")).unwrap();
+        std::fs::set_permissions(d.join("a/locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
         empty_dir(&d, None, &keep).unwrap();
         assert!(d.is_dir());
-        let mut left = Vec::new();
-        for e in std::fs::read_dir(&d).unwrap() {
-            left.push(e.unwrap().file_name().into_string().unwrap());
-        }
-        assert_eq!(left, vec!["a"]);
-        assert!(!d.join("a/junk").exists());
+        assert_eq!(names(&d), vec!["a"]);
+        assert_eq!(names(&d.join("a")), vec!["b"]);
+        assert_eq!(names(&d.join("a/b")), vec!["root"]);
         assert_eq!(std::fs::read(keep.join("output")).unwrap(), b"3");
         assert!(outside.join("keep").exists());
+        // The way named by a file: the file goes.
+        std::fs::write(d.join("f"), b"5").unwrap();
+        empty_dir(&d, None, &d.join("f/root")).unwrap();
+        assert!(names(&d).is_empty());
+        // A missing directory is fine.
+        empty_dir(&base.path().join("missing"), None, &keep).unwrap();
+    }
+
+    /// What an action that owns the tmpfs (a non-root worker's) changed on
+    /// it and on the way to the root is undone.
+    #[test]
+    fn reset_scratch_restores_modes_and_removes_attributes() {
+        let base = tempfile::tempdir().unwrap();
+        let t = base.path().join("t");
+        std::fs::create_dir(&t).unwrap();
+        std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let root = t.join("w/s0/root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("output"), b"1").unwrap();
+        std::fs::write(t.join("left"), b"2").unwrap();
+        let scratch = Scratch {
+            path: t.clone(),
+            // Not a tmpfs: a directory's size says nothing of its entries.
+            empty_size: u64::MAX,
+        };
+        std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(t.join("w"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // User attributes where the file system has them (ext4, tmpfs).
+        let attrs = xattr::set(&t, "user.kiln", b"x").is_ok();
+        if attrs {
+            xattr::set(t.join("w/s0"), "user.kiln", b"y").unwrap();
+        }
+        reset_scratch(&scratch, &root).unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&t), 0o1777);
+        assert_eq!(mode(&t.join("w")), 0o755);
+        assert_eq!(mode(&t.join("w/s0")), 0o755);
+        for p in [t.clone(), t.join("w"), t.join("w/s0")] {
+            let user: Vec<_> = xattr::list(&p)
+                .unwrap()
+                .filter(|n| n.to_string_lossy().starts_with("user."))
+                .collect();
+            assert!(user.is_empty(), "{}: {user:?}", p.display());
+        }
+        assert_eq!(names(&t), vec!["w"]);
+        assert_eq!(std::fs::read(root.join("output")).unwrap(), b"1");
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// `depth` nested directories `n` in `dir`, a file every 100 levels
+    /// (through descriptors, as a path could grow too long).
+    fn deep_tree(dir: &Path, depth: usize) {
+        use nix::fcntl::{OFlag, open, openat};
+        use nix::sys::stat::{Mode, mkdirat};
+        use std::os::fd::{AsFd, AsRawFd};
+        let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        let mut fd = open(dir, flags, Mode::empty()).unwrap();
+        for i in 0..depth {
+            mkdirat(fd.as_fd(), "n", Mode::S_IRWXU).unwrap();
+            let next = openat(fd.as_fd(), "n", flags, Mode::empty()).unwrap();
+            if i % 100 == 0 {
+                std::fs::write(format!("/proc/self/fd/{}/f", next.as_raw_fd()), b"1").unwrap();
+            }
+            fd = next;
+        }
     }
 }

@@ -223,7 +223,7 @@ fn serve(sock: &mut UnixStream, o: &ZygoteOptions, scratch: &[Scratch]) -> Resul
                 match waitpid(r.pid, Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => running = Some(r),
                     Ok(status) => {
-                        let (kind, body, unclean) = finish(r, status, scratch, &o.root);
+                        let (kind, body, unclean) = finish(r, status, scratch, o);
                         if protocol::write_frame(sock, kind, &body).is_err() {
                             return Ok(0); // the worker went away
                         }
@@ -341,23 +341,26 @@ fn start(frame: Frame, o: &ZygoteOptions, stack: &mut [u8]) -> Result<Running, S
 }
 
 /// The answer for an action whose init ended with `status`; empties the
-/// private tmpfs's for the next action (the third value says why that
-/// failed, if it did).
+/// private tmpfs's and, when the slot has namespaces (and so keyrings of
+/// its own, see [`setup`]), clears its keyrings for the next action (the
+/// third value says why that failed, if it did).
 fn finish(
     mut r: Running,
     status: WaitStatus,
     scratch: &[Scratch],
-    root: &std::path::Path,
+    o: &ZygoteOptions,
 ) -> (Kind, Vec<u8>, Option<String>) {
     let mut buf = Vec::new();
     let _ = r.report.read_to_end(&mut buf);
     let mut cleanup_error = None;
     for dir in scratch {
-        if let Err(e) = super::mounts::reset_scratch(dir, root) {
+        if let Err(e) = super::mounts::reset_scratch(dir, &o.root) {
             cleanup_error.get_or_insert(e);
         }
     }
-    if !scratch.is_empty()
+    // Without namespaces the zygote shares the worker's session keyring
+    // (it joined none of its own): that is not the slot's to clear.
+    if o.namespaces
         && let Err(e) = super::keyrings::clear()
     {
         cleanup_error.get_or_insert(e);

@@ -105,7 +105,41 @@ pub fn config(base: &Path) -> WorkerConfig {
 }
 
 pub async fn executor(base: &Path, cas: &Cas) -> Arc<Executor> {
-    Executor::new(config(base), cas.channel.clone()).await.unwrap()
+    executor_with(base, cas, |_| {}).await
+}
+
+/// An executor over `config(base)` changed by `tweak`.
+pub async fn executor_with(base: &Path, cas: &Cas, tweak: impl FnOnce(&mut WorkerConfig)) -> Arc<Executor> {
+    let mut cfg = config(base);
+    tweak(&mut cfg);
+    Executor::new(cfg, cas.channel.clone()).await.unwrap()
+}
+
+/// The input root of slot `i` of an executor over `config(base)`, as the
+/// host sees it (an action's working directory by default).
+pub fn slot_root(base: &Path, i: usize) -> PathBuf {
+    base.join("work").join(format!("s{i}")).join("root")
+}
+
+/// The first component of the way from the sandbox's private /tmp to the
+/// slot roots of an executor over `config(base)`, when `base` lies in
+/// /tmp (the zygote keeps that way, rightly); "-" otherwise.
+pub fn way_in_tmp(base: &Path) -> String {
+    base.strip_prefix("/tmp")
+        .ok()
+        .and_then(|p| p.components().next())
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Polls `done` until it holds; panics, saying that `what` never
+/// happened, after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what} did not happen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 pub fn cas_client(cas: &Cas) -> ContentAddressableStorageClient<Channel> {
@@ -298,7 +332,6 @@ pub fn processes_with(token: &str) -> Vec<u32> {
     out
 }
 
-/// Every file below `dir` (relative paths).
 /// Whether every slot's input root under the work directory is empty
 /// (the work directory holds only `s<N>/root` directories between actions).
 pub fn slots_are_clean(work: &Path) -> bool {
@@ -315,6 +348,72 @@ pub fn slots_are_clean(work: &Path) -> bool {
     })
 }
 
+/// A `sleep` argument no other process on the machine has (so the
+/// processes of one test can be found by it).
+pub fn token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{}.{nanos}", 3000 + std::process::id() % 1000)
+}
+
+/// The command line of `pid`, its arguments joined by spaces (empty once
+/// the process is gone).
+pub fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+        .replace('\0', " ")
+}
+
+/// The sandbox helper processes above `pid`, nearest first: the action's
+/// init and then the slot's zygote (init is a clone of the zygote, so both
+/// have the helper's `zygote` command line). The walk stops below this
+/// test process, whose own command line may well say "zygote" (a test
+/// name given as a filter).
+pub fn zygotes_above(pid: u32) -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let mut p = pid;
+    for _ in 0..16 {
+        let Some(parent) = parent_of(p) else { break };
+        if parent == me || parent <= 1 {
+            break;
+        }
+        if cmdline(parent).contains("zygote") {
+            out.push(parent);
+        }
+        p = parent;
+    }
+    out
+}
+
+/// Sends SIGKILL to `pid`.
+pub fn kill9(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+/// Waits (at most 10 s) until `pid` is dead: gone, or a zombie (a child of
+/// the worker stays one until the worker next looks at it).
+pub async fn wait_dead(pid: u32) {
+    let dead = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, after)| after.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    };
+    wait_until(
+        &format!("the death of process {pid}"),
+        Duration::from_secs(10),
+        dead,
+    )
+    .await;
+}
+
 /// The parent pid of `pid` as seen from here (field 4 of /proc/PID/stat).
 pub fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -322,6 +421,7 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     after.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Every file below `dir` (relative paths).
 pub fn list_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
