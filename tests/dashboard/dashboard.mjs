@@ -82,7 +82,14 @@ try {
   // ---- Overview -----------------------------------------------------------
   await go('#/');
   await page.waitForSelector('#overview-cards');
-  await page.waitForSelector('.chart, .chart-empty');
+  // Every chart has data once actions ran (the AC lookups of their Executes,
+  // CAS traffic, finished actions, store sizes): each draws lines, none is
+  // left empty. Checked in one pass, as live updates redraw the page.
+  const charts = ['chart-hit-rate', 'chart-cas', 'chart-actions', 'chart-stores'];
+  await page.waitForFunction(ids => ids.every(id => document.querySelector(`#${id} svg.chart path`)), charts);
+  assert.equal(await page.locator('.chart-empty').count(), 0, 'no chart is empty');
+  const storeLegend = await text('#chart-stores .legend');
+  for (const name of facts.stores) assert.ok(storeLegend.includes(name), `store usage chart shows ${name}: ${storeLegend}`);
   const cards = await text('#overview-cards');
   assert.match(cards, /AC hit rate/);
   const executed = Number((cards.match(/(\d+) executed/) || [])[1]);
@@ -125,18 +132,22 @@ try {
   await page.click('button[data-filter=""]');
   await page.waitForFunction(m => document.querySelector('#actions-table')?.textContent.includes(m), ok.mnemonic);
 
-  // ---- Live refresh: an action run after the page loaded appears ----------
+  // ---- Live refresh: actions run after the page loaded appear -------------
+  // One more than the worker has slots: while they sleep, one has to wait.
   await go('#/queue');
   await page.waitForSelector('h1');
   await page.evaluate(() => { window.__kilnNoReload = true; });
   await signal('run-live-action');
-  // It shows as running, with its worker, without a reload.
-  await page.waitForFunction(m => document.querySelector('#executing-table')?.textContent.includes(m), facts.live.mnemonic, { timeout: 30_000 });
+  // They show as running, with their worker, and queued, without a reload.
+  await page.waitForFunction(m => ['#executing-table', '#queued-table'].every(t => document.querySelector(t)?.textContent.includes(m)),
+    facts.live.mnemonic, { timeout: 30_000 });
   const running = await text('#executing-table');
   assert.ok(running.includes(facts.worker), `the running action names its worker: ${running}`);
   await shot('queue');
   await go('#/actions');
-  await page.waitForFunction(m => document.querySelector('#actions-table')?.textContent.includes(m), facts.live.mnemonic, { timeout: 30_000 });
+  // Every one of them finishes and is listed.
+  await page.waitForFunction(({ m, n }) => [...document.querySelectorAll('#actions-table tbody tr')].filter(r => r.textContent.includes(m)).length >= n,
+    { m: facts.live.mnemonic, n: facts.live.count }, { timeout: 60_000 });
   assert.equal(await page.evaluate(() => window.__kilnNoReload), true, 'the page was not reloaded');
   await shot('actions');
 
@@ -147,10 +158,12 @@ try {
   assert.equal((await text('#exit-code')).trim(), '0');
   assert.equal((await text('#action-worker')).trim(), facts.worker);
   assert.ok((await text('#stdout')).includes(ok.stdout), 'stdout is shown');
-  const body = await text('main');
-  assert.ok(body.includes(ok.env_name) && body.includes(ok.env_value), 'the environment is shown');
-  assert.ok(body.includes(ok.output_file), 'outputs are listed');
-  assert.ok(body.includes('OSFamily'), 'the platform is shown');
+  const envValue = await page.evaluate(name => [...document.querySelectorAll('#environment tbody tr')]
+    .find(r => r.cells[0]?.textContent === name)?.cells[1]?.textContent, ok.env_name);
+  assert.equal(envValue, ok.env_value, 'the environment is shown');
+  assert.ok((await text('#outputs-table')).includes(ok.output_file), 'outputs are listed');
+  const platform = await text('#platform');
+  assert.ok(platform.includes('OSFamily') && platform.includes('Linux'), `the platform is shown: ${platform}`);
   // The input tree is browsable.
   const tree = page.locator('#input-tree');
   assert.ok((await tree.textContent()).includes(ok.input_file));

@@ -212,13 +212,10 @@ fn finish(op: Operation) -> Result<ExecuteResponse> {
     Ok(resp)
 }
 
-fn nanos(t: Option<&Timestamp>) -> Option<i128> {
-    t.map(|t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128)
-}
-
+/// Nanoseconds from `a` to `b` when both are set and in order
+/// ([`kiln_proto::time::interval`]).
 fn between(a: Option<&Timestamp>, b: Option<&Timestamp>) -> Option<u64> {
-    let d = nanos(b)? - nanos(a)?;
-    u64::try_from(d.max(0)).ok()
+    u64::try_from(kiln_proto::time::interval(a, b)?.as_nanos()).ok()
 }
 
 /// Phase durations of executed (not cached) actions, in nanoseconds, from

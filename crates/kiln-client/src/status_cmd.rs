@@ -201,6 +201,8 @@ pub(crate) fn describe_live(s: &mut String, st: &kiln_proto::status::StatusRespo
         st.workers.len(),
         st.workers.iter().filter(|w| w.connected).count()
     );
+    // Worker- and client-supplied strings are printed with control
+    // characters escaped.
     for w in &st.workers {
         let mut state = if w.connected { "connected" } else { "disconnected" }.to_string();
         if w.draining {
@@ -216,15 +218,15 @@ pub(crate) fn describe_live(s: &mut String, st: &kiln_proto::status::StatusRespo
             w.last_seen_seconds
         );
         if !w.properties.is_empty() {
-            let _ = writeln!(s, "    {}", w.properties.join(" "));
+            let _ = writeln!(s, "    {}", w.properties.join(" ").escape_debug());
         }
     }
     let _ = writeln!(s, "queue: {} queued, {} executing", st.queued, st.executing);
     for q in &st.queues {
         let platform = if q.platform.is_empty() {
-            "(no properties)"
+            "(no properties)".to_string()
         } else {
-            &q.platform
+            q.platform.escape_debug().to_string()
         };
         let _ = writeln!(s, "  {platform}: {} queued", q.queued);
     }
@@ -234,9 +236,8 @@ pub(crate) fn describe_live(s: &mut String, st: &kiln_proto::status::StatusRespo
             let digest = r
                 .action_digest
                 .as_ref()
-                .map(|d| format!("{}/{}", d.hash, d.size_bytes))
+                .map(crate::format::proto_digest_str)
                 .unwrap_or_default();
-            // Client-supplied strings: control characters escaped.
             let what = [r.mnemonic.as_str(), r.target_id.as_str()]
                 .iter()
                 .filter(|x| !x.is_empty())
@@ -246,7 +247,8 @@ pub(crate) fn describe_live(s: &mut String, st: &kiln_proto::status::StatusRespo
             let _ = writeln!(
                 s,
                 "  {digest}  on {}  {:.1}s  {what}",
-                r.worker_name, r.running_seconds
+                r.worker_name.escape_debug(),
+                r.running_seconds
             );
         }
     }
@@ -254,4 +256,60 @@ pub(crate) fn describe_live(s: &mut String, st: &kiln_proto::status::StatusRespo
 
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_proto::reapi::Digest;
+    use kiln_proto::status::{PlatformQueue, RunningAction, StatusResponse, WorkerStatus};
+
+    use super::*;
+
+    #[test]
+    fn live_status_escapes_supplied_strings() {
+        let st = StatusResponse {
+            workers: vec![WorkerStatus {
+                id: "w1".into(),
+                name: "w\x1b[1".into(),
+                slots: 2,
+                busy: 1,
+                properties: vec!["OSFamily=linux\n".into(), "pool=a\x07".into()],
+                connected: true,
+                ..Default::default()
+            }],
+            queued: 1,
+            executing: 1,
+            queues: vec![PlatformQueue {
+                platform: "OSFamily=li\rnux".into(),
+                queued: 1,
+            }],
+            running: vec![RunningAction {
+                action_digest: Some(Digest {
+                    hash: "ab".repeat(32),
+                    size_bytes: 42,
+                }),
+                worker_name: "evil\x1b]0;x\x07".into(),
+                mnemonic: "Gen\nrule".into(),
+                ..Default::default()
+            }],
+            server_version: String::new(),
+        };
+        let mut s = String::new();
+        describe_live(&mut s, &st);
+        assert!(
+            !s.chars().any(|c| c.is_control() && c != '\n'),
+            "control characters printed raw: {s:?}"
+        );
+        assert_eq!(s.lines().count(), 7, "{s}");
+        assert!(s.contains(r"w\u{1b}[1  1/2 slots busy"), "{s}");
+        assert!(s.contains(r"    OSFamily=linux\n pool=a\u{7}"), "{s}");
+        assert!(s.contains(r"  OSFamily=li\rnux: 1 queued"), "{s}");
+        assert!(
+            s.contains(&format!(
+                r"  {}/42  on evil\u{{1b}}]0;x\u{{7}}  0.0s  Gen\nrule",
+                "ab".repeat(32)
+            )),
+            "{s}"
+        );
+    }
 }

@@ -1,9 +1,9 @@
 // Tiny DOM builder: text is always set as text (never parsed as HTML).
 
 export function h(tag, props, ...children) {
-  const el = tag === 'svg' || props?.svg ? document.createElementNS('http://www.w3.org/2000/svg', tag) : document.createElement(tag);
+  const el = document.createElement(tag);
   for (const [k, v] of Object.entries(props || {})) {
-    if (v === undefined || v === null || v === false || k === 'svg') continue;
+    if (v === undefined || v === null || v === false) continue;
     if (k === 'class') el.setAttribute('class', v);
     else if (k === 'text') el.textContent = v;
     else if (k === 'style' && typeof v === 'object') Object.assign(el.style, v);
@@ -24,6 +24,7 @@ function append(el, children) {
   }
 }
 
+/** An SVG element (`h` builds HTML ones). */
 export function svg(tag, attrs, ...children) {
   const el = document.createElementNS('http://www.w3.org/2000/svg', tag);
   for (const [k, v] of Object.entries(attrs || {})) {

@@ -2,14 +2,15 @@
 //! types. Times are milliseconds since the Unix epoch; durations are
 //! milliseconds.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use kiln_digest::DigestFunction;
 use kiln_proto::protobuf::Timestamp;
 use kiln_proto::reapi::{Digest, Directory, ExecutedActionMetadata, Platform};
 use serde::Serialize;
 
 use crate::digest_path::instance_segment;
+
+/// A time as milliseconds since the Unix epoch.
+pub use kiln_scheduler::operations::epoch_ms as ms;
 
 /// A digest with its function, as the front-end links it.
 #[derive(Debug, Clone, Serialize)]
@@ -39,24 +40,20 @@ pub struct Property {
     pub value: String,
 }
 
-pub fn platform(p: Option<&Platform>) -> Vec<Property> {
-    p.map(|p| {
-        p.properties
-            .iter()
-            .map(|x| Property {
-                name: x.name.clone(),
-                value: x.value.clone(),
-            })
-            .collect()
-    })
-    .unwrap_or_default()
+/// Name/value pairs (platform properties, environment variables) as JSON.
+pub fn properties<N: AsRef<str>, V: AsRef<str>>(pairs: impl IntoIterator<Item = (N, V)>) -> Vec<Property> {
+    pairs
+        .into_iter()
+        .map(|(name, value)| Property {
+            name: name.as_ref().to_owned(),
+            value: value.as_ref().to_owned(),
+        })
+        .collect()
 }
 
-pub fn ms(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
-    }
+pub fn platform(p: Option<&Platform>) -> Vec<Property> {
+    p.map(|p| properties(p.properties.iter().map(|x| (&x.name, &x.value))))
+        .unwrap_or_default()
 }
 
 pub fn ts_ms(t: Option<&Timestamp>) -> Option<i64> {
@@ -69,8 +66,7 @@ pub fn ts_ms(t: Option<&Timestamp>) -> Option<i64> {
 
 /// Milliseconds between two timestamps when both are set and ordered.
 fn span(a: Option<&Timestamp>, b: Option<&Timestamp>) -> Option<i64> {
-    let (a, b) = (ts_ms(a)?, ts_ms(b)?);
-    (b >= a).then_some(b - a)
+    i64::try_from(kiln_proto::time::interval(a, b)?.as_millis()).ok()
 }
 
 /// The phases of one execution, from its ExecutedActionMetadata.
@@ -161,28 +157,10 @@ pub fn phase(started: bool, md: Option<&ExecutedActionMetadata>) -> &'static str
     }
 }
 
-/// The name of a google.rpc.Code.
+/// The canonical name of a `google.rpc.Code` number (unknown numbers are
+/// `UNKNOWN`).
 pub fn code_name(code: i32) -> &'static str {
-    match code {
-        0 => "OK",
-        1 => "CANCELLED",
-        2 => "UNKNOWN",
-        3 => "INVALID_ARGUMENT",
-        4 => "DEADLINE_EXCEEDED",
-        5 => "NOT_FOUND",
-        6 => "ALREADY_EXISTS",
-        7 => "PERMISSION_DENIED",
-        8 => "RESOURCE_EXHAUSTED",
-        9 => "FAILED_PRECONDITION",
-        10 => "ABORTED",
-        11 => "OUT_OF_RANGE",
-        12 => "UNIMPLEMENTED",
-        13 => "INTERNAL",
-        14 => "UNAVAILABLE",
-        15 => "DATA_LOSS",
-        16 => "UNAUTHENTICATED",
-        _ => "UNKNOWN_CODE",
-    }
+    kiln_proto::rpc_details::code_name(code.into())
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -6,7 +6,8 @@
 //! * [`api`]: `/api/...` endpoints (overview time series, live queue and
 //!   workers, recent actions, one action's details, the CAS browser);
 //! * [`sse`]: `/api/events`, a Server-Sent Events stream telling open pages
-//!   when something changed (ends when the server shuts down);
+//!   when something changed (one background task builds each event for
+//!   every stream; streams end when the server shuts down);
 //! * [`history`]: the background sampler behind the overview charts (every
 //!   10 s, one hour kept);
 //! * [`recent`]: the [`kiln_scheduler::ActionObserver`] keeping the last
@@ -28,7 +29,6 @@ mod state;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
@@ -51,9 +51,6 @@ pub struct DashboardContext {
     /// Becomes `true` when the server shuts down: live streams end and the
     /// sampler stops. A dropped sender counts as shutdown too.
     pub shutdown: watch::Receiver<bool>,
-    /// Period of the overview sampler; [`SAMPLE_INTERVAL`] unless a test
-    /// wants it faster.
-    pub sample_interval: Duration,
 }
 
 impl DashboardContext {
@@ -68,15 +65,14 @@ impl DashboardContext {
             scheduler,
             stores,
             shutdown,
-            sample_interval: SAMPLE_INTERVAL,
         }
     }
 }
 
 /// The dashboard's routes: `/` (the app), `/assets/...` and `/api/...`.
 /// Registers its action observer with the scheduler and starts the history
-/// sampler (a named task that stops at shutdown), so it must be called
-/// inside a tokio runtime, once per server.
+/// sampler and the live event feed (named tasks that stop at shutdown), so
+/// it must be called inside a tokio runtime, once per server.
 pub fn router(ctx: DashboardContext) -> Router {
     let state = state::AppState::start(ctx);
     Router::new()

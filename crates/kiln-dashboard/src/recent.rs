@@ -99,36 +99,31 @@ impl ActionObserver for RecentActions {
             self.cached.fetch_add(1, Ordering::Relaxed);
         } else {
             self.executed.fetch_add(1, Ordering::Relaxed);
-            if record.status_code != 0 || record.exit_code.is_some_and(|c| c != 0) {
+            if record.failed() {
                 self.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let seq = {
-            let mut ring = self.ring.lock();
-            let seq = ring
-                .back()
-                .map(|r| r.seq + 1)
-                .unwrap_or(1)
-                .max(self.latest_seq() + 1);
-            if ring.len() >= self.capacity {
-                ring.pop_front();
-            }
-            ring.push_back(Arc::new(Recent {
-                seq,
-                record: record.clone(),
-            }));
-            seq
-        };
+        // Numbered and published under the ring's lock, so `latest` only
+        // moves forward and always names a record in the ring.
+        let mut ring = self.ring.lock();
+        let seq = self.latest_seq() + 1;
+        if ring.len() >= self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(Arc::new(Recent {
+            seq,
+            record: record.clone(),
+        }));
         self.latest.send_replace(seq);
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::SystemTime;
 
-    fn record(op: &str, cached: bool, exit: i32) -> ActionRecord {
+    pub(crate) fn record(op: &str, cached: bool, exit: i32) -> ActionRecord {
         ActionRecord {
             operation: op.into(),
             instance_name: String::new(),
@@ -170,5 +165,26 @@ mod tests {
         assert_eq!(*rx.borrow(), 5);
         assert_eq!(r.find(|x| x.record.operation == "op3").map(|x| x.seq), Some(4));
         assert!(r.find(|x| x.record.operation == "op0").is_none());
+    }
+
+    #[test]
+    fn concurrent_completions_number_in_ring_order() {
+        let r = Arc::new(RecentActions::new(1000));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        r.action_completed(&record(&format!("t{t}-{i}"), false, 0));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(r.latest_seq(), 800, "latest never moves backwards");
+        let seqs: Vec<u64> = r.newest(usize::MAX, |_| true).iter().map(|x| x.seq).collect();
+        assert_eq!(seqs, (1..=800).rev().collect::<Vec<u64>>());
     }
 }

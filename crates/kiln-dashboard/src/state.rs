@@ -8,8 +8,9 @@ use kiln_scheduler::Scheduler;
 use tokio::sync::watch;
 
 use crate::DashboardContext;
-use crate::history::{HISTORY_POINTS, History, Sources, spawn_sampler};
+use crate::history::{HISTORY_POINTS, History, SAMPLE_INTERVAL, Sources, spawn_sampler};
 use crate::recent::{RECENT_ACTIONS, RecentActions};
+use crate::sse::{Feed, spawn_feed};
 
 pub struct AppState {
     pub instances: Arc<Instances>,
@@ -17,6 +18,8 @@ pub struct AppState {
     pub sources: Arc<Sources>,
     pub history: Arc<History>,
     pub recent: Arc<RecentActions>,
+    /// The `state` events of `/api/events`.
+    pub events: Feed,
     pub shutdown: watch::Receiver<bool>,
     pub started_at: SystemTime,
 }
@@ -24,7 +27,8 @@ pub struct AppState {
 pub type Shared = Arc<AppState>;
 
 impl AppState {
-    /// Registers the recent-actions observer and starts the sampler.
+    /// Registers the recent-actions observer and starts the sampler and the
+    /// live event feed.
     pub fn start(ctx: DashboardContext) -> Shared {
         let recent = Arc::new(RecentActions::new(RECENT_ACTIONS));
         if let Some(s) = &ctx.scheduler {
@@ -35,14 +39,21 @@ impl AppState {
             stores: ctx.stores.into_iter().collect(),
             recent: recent.clone(),
         });
-        let history = Arc::new(History::new(HISTORY_POINTS, ctx.sample_interval));
+        let history = Arc::new(History::new(HISTORY_POINTS, SAMPLE_INTERVAL));
         spawn_sampler(&history, sources.clone(), ctx.shutdown.clone());
+        let (events, _) = spawn_feed(
+            ctx.scheduler.clone(),
+            &recent,
+            history.clone(),
+            ctx.shutdown.clone(),
+        );
         Arc::new(AppState {
             instances: ctx.instances,
             scheduler: ctx.scheduler,
             sources,
             history,
             recent,
+            events,
             shutdown: ctx.shutdown,
             started_at: SystemTime::now(),
         })

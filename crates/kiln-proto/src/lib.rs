@@ -23,4 +23,5 @@ pub mod fast;
 pub mod request_info;
 pub mod rpc_details;
 pub mod status;
+pub mod time;
 pub mod worker;

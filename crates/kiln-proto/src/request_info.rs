@@ -43,13 +43,18 @@ impl RequestInfo {
     /// before tonic). gRPC sends `-bin` values base64-encoded, with or
     /// without padding.
     pub fn from_http_headers(headers: &http::HeaderMap) -> Option<RequestInfo> {
+        Self::from_bin_header(headers.get(REQUEST_METADATA_HEADER)?)
+    }
+
+    /// Decodes the value of a [`REQUEST_METADATA_HEADER`] HTTP header
+    /// (base64, with or without padding); `None` when undecodable.
+    pub fn from_bin_header(value: &http::HeaderValue) -> Option<RequestInfo> {
         use base64::Engine;
         const LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
             &base64::alphabet::STANDARD,
             base64::engine::GeneralPurposeConfig::new()
                 .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
         );
-        let value = headers.get(REQUEST_METADATA_HEADER)?;
         let bytes = LENIENT.decode(value.as_bytes()).ok()?;
         Self::decode(&bytes)
     }
@@ -70,11 +75,6 @@ impl RequestInfo {
             configuration_id: m.configuration_id,
             action_id: m.action_id,
         })
-    }
-
-    /// Whether the client said anything at all.
-    pub fn is_empty(&self) -> bool {
-        *self == RequestInfo::default()
     }
 }
 
@@ -114,7 +114,7 @@ mod tests {
         assert_eq!(info.target_id, "//lib:foo");
         assert_eq!(info.configuration_id, "cfg");
         assert_eq!(info.action_id, "a1");
-        assert!(!info.is_empty());
+        assert_ne!(info, RequestInfo::default());
     }
 
     #[test]
@@ -132,6 +132,8 @@ mod tests {
             );
             let info = RequestInfo::from_http_headers(&h).unwrap();
             assert_eq!(info.target_id, "//lib:foo");
+            let value = h.get(REQUEST_METADATA_HEADER).unwrap();
+            assert_eq!(RequestInfo::from_bin_header(value), Some(info));
         }
     }
 
@@ -141,6 +143,7 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert(REQUEST_METADATA_HEADER, http::HeaderValue::from_static("!!!"));
         assert!(RequestInfo::from_http_headers(&h).is_none());
+        assert!(RequestInfo::from_bin_header(&http::HeaderValue::from_static("!!!")).is_none());
         let mut md = tonic::metadata::MetadataMap::new();
         md.insert_bin(
             REQUEST_METADATA_HEADER,

@@ -1,7 +1,33 @@
 //! `google.rpc` error details (google/rpc/error_details.proto) that clients
-//! such as Bazel decode from `grpc-status-details-bin`.
+//! such as Bazel decode from `grpc-status-details-bin`, and the canonical
+//! names of `google.rpc.Code`.
 
 use prost::Message;
+
+/// The canonical upper-case name of a gRPC code (`NOT_FOUND`, ...), as
+/// google/rpc/code.proto spells it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
 
 /// `google.rpc.PreconditionFailure`: what preconditions failed.
 #[derive(Clone, PartialEq, Message)]

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 pub use config::{PropertyRule, SchedulerConfig};
 pub use error::{SchedulerError, SchedulerResult, missing_subject};
-pub use observe::{ActionObserver, ActionRecord};
+pub use observe::{ActionObserver, ActionOutcome, ActionRecord};
 pub use scheduler::Scheduler;
 
 use kiln_proto::longrunning::operations_server::OperationsServer;

@@ -94,6 +94,7 @@ mod tests {
     fn done_exactly_when_completed() {
         let mut view = OperationView {
             name: "operations/x".into(),
+            instance_name: String::new(),
             stage: Stage::Queued,
             action_digest: Digest::default(),
             digest_function: DigestFunction::Sha256,

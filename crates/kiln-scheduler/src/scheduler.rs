@@ -244,6 +244,7 @@ impl Scheduler {
             }
             let view = OperationView {
                 name: format!("operations/{}", uuid::Uuid::new_v4()),
+                instance_name: req.instance_name.clone(),
                 stage: Stage::Completed,
                 action_digest: key.to_digest(),
                 digest_function: f,
@@ -297,7 +298,6 @@ impl Scheduler {
             platform,
             requirements,
             priority: req.execution_policy.as_ref().map(|p| p.priority).unwrap_or(0),
-            invocation_id: request.tool_invocation_id.clone(),
             request,
             timeout,
             cacheable,

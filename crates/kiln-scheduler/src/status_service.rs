@@ -1,6 +1,6 @@
 //! `kiln.status.v1.Status` (crates/kiln-proto/src/status.rs): the live
 //! workers, queue and running actions, for `kiln status`. Read-only; built
-//! from the state's snapshot and counters, bounded in size.
+//! from one snapshot of the state, bounded in size.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -40,7 +40,7 @@ impl StatusApi for StatusService {
             0 => DEFAULT_MAX_RUNNING,
             n => n.min(MAX_RUNNING),
         } as usize;
-        let stats = self.scheduler.stats().await;
+        // One snapshot: the workers, queues and counts of one moment.
         let snap = self.scheduler.snapshot().await;
         let now = snap.taken_at;
         let workers = snap
@@ -58,7 +58,7 @@ impl StatusApi for StatusService {
                 last_seen_seconds: seconds_since(now, w.last_seen),
             })
             .collect();
-        let mut queues: Vec<PlatformQueue> = stats
+        let mut queues: Vec<PlatformQueue> = snap
             .queued_by_platform
             .iter()
             .map(|(platform, n)| PlatformQueue {

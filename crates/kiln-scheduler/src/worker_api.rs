@@ -18,10 +18,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::ac;
 use crate::observe::ActionRecord;
-use crate::operations::{to_proto_duration, to_timestamp};
+use crate::operations::to_proto_duration;
 use crate::platform::WorkerCaps;
 use crate::scheduler::{Conn, Scheduler};
-use crate::state::{ConnId, LeaseInfo, WorkerRegistration};
+use crate::state::{ConnId, LeaseInfo, WorkerRegistration, fill_execution_metadata};
 
 /// How long a new stream may take to send `Register`.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -219,14 +219,14 @@ async fn finished(s: &Arc<Scheduler>, worker: &str, conn: ConnId, f: Finished) -
     }
     let info = s.state.lease_info(worker, &f.lease_id).await;
     if let Some(info) = &info
-        && info.cacheable
+        && info.job.cacheable
         && ac::cacheable_response(&response)
         && let Some(result) = &response.result
     {
-        match s.instances.get(&info.instance_name) {
+        match s.instances.get(&info.job.instance_name) {
             Ok(instance) => {
-                if let Err(e) = ac::write(instance, &info.action_key, result).await {
-                    tracing::warn!(action = %info.action_key, error = %e, "could not cache an action result");
+                if let Err(e) = ac::write(instance, &info.job.action_key, result).await {
+                    tracing::warn!(action = %info.job.action_key, error = %e, "could not cache an action result");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "lease of an unknown instance"),
@@ -235,45 +235,35 @@ async fn finished(s: &Arc<Scheduler>, worker: &str, conn: ConnId, f: Finished) -
     // Built before the response moves into the state, reported once the
     // operations are complete.
     let record = info
-        .filter(|_| s.observers.listening())
-        .map(|info| completion_record(worker, &info, &response));
+        .zip(s.observers.listeners())
+        .map(|(info, listeners)| (completion_record(&info, &response), listeners));
     let effects = s
         .state
         .lease_finished(worker, conn, &f.lease_id, response, SystemTime::now())
         .await;
-    if let Some(record) = record {
-        s.observers.report(&record);
+    if let Some((record, listeners)) = record {
+        listeners.report(&record);
     }
     effects
 }
 
 /// The observation record of a result a worker reported.
-fn completion_record(worker: &str, info: &LeaseInfo, response: &ExecuteResponse) -> ActionRecord {
+fn completion_record(info: &LeaseInfo, response: &ExecuteResponse) -> ActionRecord {
     let result = response.result.as_ref();
-    let worker_name = if info.worker_name.is_empty() {
-        worker.to_string()
-    } else {
-        info.worker_name.clone()
-    };
     let metadata = result.map(|r| {
         let mut md = r.execution_metadata.clone().unwrap_or_default();
-        if md.worker.is_empty() {
-            md.worker = worker_name.clone();
-        }
-        if md.queued_timestamp.is_none() {
-            md.queued_timestamp = Some(to_timestamp(info.queued_at));
-        }
+        fill_execution_metadata(&mut md, &info.worker_name, info.queued_at);
         md
     });
     ActionRecord {
         operation: info.operation.clone(),
-        instance_name: info.instance_name.clone(),
+        instance_name: info.job.instance_name.clone(),
         digest_function: info.job.digest_function,
-        action_digest: info.action_key.to_digest(),
+        action_digest: info.job.action_key.to_digest(),
         cached: false,
         status_code: response.status.as_ref().map(|s| s.code).unwrap_or(0),
         exit_code: result.map(|r| r.exit_code),
-        worker: worker_name,
+        worker: info.worker_name.clone(),
         metadata,
         request: info.job.request.clone(),
         platform: info.job.platform.clone(),

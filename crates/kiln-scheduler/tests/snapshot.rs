@@ -65,6 +65,8 @@ async fn snapshot_shows_queue_executing_and_workers() {
     assert_eq!(e.progress.as_ref(), Some(&md));
 
     assert_eq!(snap.queued_total, 1);
+    assert_eq!(snap.queued_by_platform.len(), 1, "{:?}", snap.queued_by_platform);
+    assert_eq!(snap.queued_by_platform[0].1, 1);
     let q = &snap.queued[0];
     assert_eq!(q.action.action_digest, waiting);
     assert_eq!(q.action.priority, 5);

@@ -5,11 +5,12 @@
 //! id) at every log level — without the cost of a span per call.
 //!
 //! Setting it costs one reference-count increment per poll: the header is
-//! kept as the client sent it and decoded only when a log line is
-//! written ([`crate::telemetry`]'s formatters call [`current`]). Code on
-//! other tasks (background work a call started) does not see it.
+//! kept as the client sent it and decoded when the call's first log line
+//! is written ([`crate::telemetry`]'s formatters call [`current`]), once
+//! per call. Code on other tasks (background work a call started) does not
+//! see it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::uri::Uri;
 use kiln_proto::request_info::{REQUEST_METADATA_HEADER, RequestInfo};
@@ -23,6 +24,8 @@ tokio::task_local! {
 pub struct CallContext {
     uri: Uri,
     request_metadata: Option<http::HeaderValue>,
+    /// `request_metadata` decoded, on first use.
+    request_info: OnceLock<Option<RequestInfo>>,
 }
 
 impl CallContext {
@@ -32,6 +35,7 @@ impl CallContext {
         CallContext {
             uri: uri.clone(),
             request_metadata: headers.get(REQUEST_METADATA_HEADER).cloned(),
+            request_info: OnceLock::new(),
         }
     }
 
@@ -40,13 +44,16 @@ impl CallContext {
         crate::metrics::grpc_calls::short_method(self.uri.path())
     }
 
-    /// The client's RequestMetadata, decoded now (`None` when absent or
-    /// malformed).
-    pub fn request_info(&self) -> Option<RequestInfo> {
-        let value = self.request_metadata.as_ref()?;
-        let mut headers = http::HeaderMap::with_capacity(1);
-        headers.insert(REQUEST_METADATA_HEADER, value.clone());
-        RequestInfo::from_http_headers(&headers)
+    /// The client's RequestMetadata, decoded on first use (`None` when
+    /// absent or malformed).
+    pub fn request_info(&self) -> Option<&RequestInfo> {
+        self.request_info
+            .get_or_init(|| {
+                self.request_metadata
+                    .as_ref()
+                    .and_then(RequestInfo::from_bin_header)
+            })
+            .as_ref()
     }
 
     /// The fields a log line shows: `method` plus the non-empty
@@ -55,13 +62,13 @@ impl CallContext {
         let mut out = vec![("method", self.method().to_string())];
         if let Some(info) = self.request_info() {
             for (name, value) in [
-                ("tool_invocation_id", info.tool_invocation_id),
-                ("correlated_invocations_id", info.correlated_invocations_id),
-                ("action_mnemonic", info.action_mnemonic),
-                ("target_id", info.target_id),
+                ("tool_invocation_id", &info.tool_invocation_id),
+                ("correlated_invocations_id", &info.correlated_invocations_id),
+                ("action_mnemonic", &info.action_mnemonic),
+                ("target_id", &info.target_id),
             ] {
                 if !value.is_empty() {
-                    out.push((name, value));
+                    out.push((name, value.clone()));
                 }
             }
         }
@@ -118,6 +125,10 @@ mod tests {
             ]
         );
         assert!(current().is_none());
+        // Decoded once per call.
+        let first = ctx.request_info().unwrap();
+        assert_eq!(first.tool_invocation_id, "inv");
+        assert!(std::ptr::eq(first, ctx.request_info().unwrap()));
         let bare = CallContext::new(&uri, &http::HeaderMap::new());
         assert_eq!(bare.log_fields().len(), 1);
     }

@@ -79,13 +79,6 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
-impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-}
-
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take()
@@ -254,11 +247,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_flag_wins_over_the_environment() {
-        assert_eq!(filter_text(Some("debug")), "debug");
-    }
 
     #[test]
     fn a_malformed_filter_is_an_error() {

@@ -41,17 +41,14 @@ impl TieredStore {
     }
 
     /// `touch_interval`: how often fast-tier hits are reported to the slow
-    /// tier (`None`: never).
+    /// tier (`None`: never; also never outside a tokio runtime, where the
+    /// reporting task cannot run).
     pub fn with_touch_interval(
         fast: Arc<dyn Store>,
         slow: Arc<dyn Store>,
         touch_interval: Option<std::time::Duration>,
     ) -> Self {
-        let touched = touch_interval.map(|interval| {
-            let q = Arc::new(TouchQueue::default());
-            TouchQueue::start(&q, slow.clone(), interval);
-            q
-        });
+        let touched = touch_interval.and_then(|interval| TouchQueue::start(slow.clone(), interval));
         TieredStore { fast, slow, touched }
     }
 

@@ -316,6 +316,7 @@ async fn serve(cfg: config::Config, args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         sandbox_helper: self_helper(),
     };
+    let dashboard = cfg.server.dashboard;
     let server = match start(cfg, overrides).await {
         Ok(s) => s,
         Err(e) => {
@@ -326,7 +327,9 @@ async fn serve(cfg: config::Config, args: ServeArgs) -> ExitCode {
     banner(&format!("kiln: data directory {}", server.data_dir.display()));
     banner(&format!("kiln: grpc listening on {}", server.grpc_addr));
     banner(&format!("kiln: http listening on {}", server.http_addr));
-    banner(&format!("kiln: dashboard http://{}/", server.http_addr));
+    if dashboard {
+        banner(&format!("kiln: dashboard http://{}/", server.http_addr));
+    }
     let mut names: Vec<String> = server.instances.iter().map(|i| i.name.clone()).collect();
     names.sort();
     for name in names {

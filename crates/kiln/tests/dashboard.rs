@@ -5,9 +5,10 @@
 //! the same one again as a cache hit, one failing with a non-zero exit),
 //! then runs `tests/dashboard/dashboard.mjs` (playwright-core driving
 //! Debian's chromium), which walks every page and checks they show those
-//! actions. While the Queue page is open the test runs one more action: it
-//! must appear live (no reload). At the end the server gets SIGTERM with a
-//! dashboard tab open and must exit promptly (live streams end at shutdown).
+//! actions. While the Queue page is open the test runs one sleeping action
+//! more than the worker has slots: they must appear live (no reload), one
+//! of them queued. At the end the server gets SIGTERM with a dashboard tab
+//! open and must exit promptly (live streams end at shutdown).
 //!
 //! Screenshots: `docs/dashboard/*.png` with `KILN_UPDATE_SCREENSHOTS=1`,
 //! else a temporary directory. Node, playwright-core (`npm ci` in
@@ -16,14 +17,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::KilnProcess;
-use kiln_digest::{BlobKey, DigestFunction};
+use common::{KilnProcess, digest_of, line_reader, sigterm, wait_exit};
+use kiln_digest::DigestFunction;
 use kiln_proto::longrunning::{Operation, operation};
 use kiln_proto::reapi::command::EnvironmentVariable;
 use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
@@ -33,6 +33,7 @@ use kiln_proto::reapi::{
     Action, BatchUpdateBlobsRequest, Command, Digest, Directory, DirectoryNode, ExecuteRequest,
     ExecuteResponse, FileNode, Platform, RequestMetadata, batch_update_blobs_request,
 };
+use kiln_proto::request_info::REQUEST_METADATA_HEADER;
 use prost::Message;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -46,10 +47,6 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn digest(data: &[u8]) -> Digest {
-    BlobKey::of(F, data).to_digest()
 }
 
 fn digest_json(d: &Digest) -> serde_json::Value {
@@ -93,7 +90,7 @@ fn build_action(argv: &[&str], env: &[(&str, &str)], outputs: &[&str], inputs: &
     let mut root = Directory::default();
     let mut sub = Directory::default();
     for (path, content) in inputs {
-        let d = digest(content);
+        let d = digest_of(content);
         blobs.push((d.clone(), content.to_vec()));
         let node = |name: &str| FileNode {
             name: name.to_string(),
@@ -108,7 +105,7 @@ fn build_action(argv: &[&str], env: &[(&str, &str)], outputs: &[&str], inputs: &
     }
     if !sub.files.is_empty() {
         let bytes = sub.encode_to_vec();
-        let d = digest(&bytes);
+        let d = digest_of(&bytes);
         blobs.push((d.clone(), bytes));
         root.directories.push(DirectoryNode {
             name: "src".into(),
@@ -116,7 +113,7 @@ fn build_action(argv: &[&str], env: &[(&str, &str)], outputs: &[&str], inputs: &
         });
     }
     let root_bytes = root.encode_to_vec();
-    let input_root = digest(&root_bytes);
+    let input_root = digest_of(&root_bytes);
     blobs.push((input_root.clone(), root_bytes));
     let platform = Platform {
         properties: vec![Property {
@@ -137,7 +134,7 @@ fn build_action(argv: &[&str], env: &[(&str, &str)], outputs: &[&str], inputs: &
         ..Default::default()
     };
     let command_bytes = command.encode_to_vec();
-    let command_digest = digest(&command_bytes);
+    let command_digest = digest_of(&command_bytes);
     blobs.push((command_digest.clone(), command_bytes));
     let action = Action {
         command_digest: Some(command_digest),
@@ -146,7 +143,7 @@ fn build_action(argv: &[&str], env: &[(&str, &str)], outputs: &[&str], inputs: &
         ..Default::default()
     };
     let action_bytes = action.encode_to_vec();
-    let action_digest = digest(&action_bytes);
+    let action_digest = digest_of(&action_bytes);
     blobs.push((action_digest.clone(), action_bytes));
     Built {
         action: action_digest,
@@ -192,7 +189,7 @@ async fn execute(channel: &Channel, action: &Digest, mnemonic: &str) -> (Operati
         ..Default::default()
     };
     req.metadata_mut().insert_bin(
-        "build.bazel.remote.execution.v2.requestmetadata-bin",
+        REQUEST_METADATA_HEADER,
         tonic::metadata::MetadataValue::from_bytes(&md.encode_to_vec()),
     );
     let mut stream = ExecutionClient::new(channel.clone())
@@ -218,8 +215,9 @@ async fn execute(channel: &Channel, action: &Digest, mnemonic: &str) -> (Operati
     }
 }
 
-/// Waits until the embedded default's in-process worker has registered.
-fn wait_for_worker(server: &KilnProcess) {
+/// Waits until the embedded default's in-process worker has registered;
+/// returns the execution slots the dashboard counts.
+fn wait_for_worker(server: &KilnProcess) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = server.http_get("/api/workers");
@@ -228,8 +226,9 @@ fn wait_for_worker(server: &KilnProcess) {
             && v["workers"]
                 .as_array()
                 .is_some_and(|w| w.iter().any(|w| w["connected"] == true))
+            && let Some(slots) = v["slots"].as_u64().filter(|&s| s > 0)
         {
-            return;
+            return slots;
         }
         assert!(
             Instant::now() < deadline,
@@ -245,15 +244,8 @@ async fn dashboard_pages_show_the_actions_in_headless_chromium() {
     let chromium = require_tools(&script_dir);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut server = KilnProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    wait_for_worker(&server);
+    let mut server = KilnProcess::embedded(&data);
+    let slots = wait_for_worker(&server);
     let channel = server.channel().await;
 
     // 1. Executed, with stdout, an environment variable, an output file and
@@ -302,14 +294,21 @@ async fn dashboard_pages_show_the_actions_in_headless_chromium() {
     let (fail_op, fail_resp) = execute(&channel, &fail.action, "TestFail").await;
     assert_eq!(fail_resp.result.as_ref().map(|r| r.exit_code), Some(3));
 
-    // 4. Prepared now, run while the Queue page is open.
-    let live = build_action(
-        &["/bin/sh", "-c", "sleep 4; echo live"],
-        &[],
-        &[],
-        &[("input.txt", b"live input\n")],
-    );
-    upload(&channel, &live.blobs).await;
+    // 4. Prepared now, run while the Queue page is open: one more than the
+    //    worker has slots, so one waits in the queue while the others sleep.
+    let live: Vec<Built> = (0..=slots)
+        .map(|i| {
+            build_action(
+                &["/bin/sh", "-c", &format!("sleep 6; echo live {i}")],
+                &[],
+                &[],
+                &[("input.txt", b"live input\n")],
+            )
+        })
+        .collect();
+    for l in &live {
+        upload(&channel, &l.blobs).await;
+    }
 
     let update = std::env::var("KILN_UPDATE_SCREENSHOTS").is_ok_and(|v| v == "1");
     let shots_tmp = tempfile::tempdir().unwrap();
@@ -346,7 +345,7 @@ async fn dashboard_pages_show_the_actions_in_headless_chromium() {
             "operation": fail_op.name,
             "stderr": "this action fails on purpose",
         },
-        "live": { "mnemonic": "LiveSleep" },
+        "live": { "mnemonic": "LiveSleep", "count": live.len() },
     });
     let facts_path = dir.path().join("facts.json");
     std::fs::write(&facts_path, facts.to_string()).unwrap();
@@ -364,17 +363,7 @@ async fn dashboard_pages_show_the_actions_in_headless_chromium() {
         .spawn()
         .expect("spawn node");
     let mut to_node = node.stdin.take().expect("stdin");
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = node.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[browser] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = line_reader(node.stdout.take().expect("stdout"), Some("browser".into()));
 
     let deadline = Instant::now() + SCRIPT_LIMIT;
     let mut live_run = None;
@@ -394,31 +383,20 @@ async fn dashboard_pages_show_the_actions_in_headless_chromium() {
         };
         match event {
             "run-live-action" => {
-                let ch = channel.clone();
-                let action = live.action.clone();
-                live_run = Some(tokio::spawn(
-                    async move { execute(&ch, &action, "LiveSleep").await },
-                ));
+                let runs = live.iter().map(|l| {
+                    let ch = channel.clone();
+                    let action = l.action.clone();
+                    tokio::spawn(async move { execute(&ch, &action, "LiveSleep").await })
+                });
+                live_run = Some(runs.collect::<Vec<_>>());
                 writeln!(to_node, "go").unwrap();
             }
             "stop-server" => {
                 // SIGTERM with a dashboard tab open (its SSE stream live).
-                let pid = server.child.id().to_string();
-                let started = Instant::now();
-                let status = Process::new("kill").args(["-TERM", &pid]).status().unwrap();
-                assert!(status.success(), "kill -TERM {pid}");
-                loop {
-                    if let Some(st) = server.child.try_wait().unwrap() {
-                        assert!(st.success(), "kiln exited with {st} after SIGTERM");
-                        break;
-                    }
-                    assert!(
-                        started.elapsed() < SHUTDOWN_LIMIT,
-                        "kiln did not exit within {SHUTDOWN_LIMIT:?} of SIGTERM with a dashboard tab open"
-                    );
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                stopped_in = Some(started.elapsed());
+                sigterm(server.child.id());
+                let (st, took) = wait_exit(&mut server.child, SHUTDOWN_LIMIT);
+                assert!(st.success(), "kiln exited with {st} after SIGTERM");
+                stopped_in = Some(took);
                 writeln!(to_node, "go").unwrap();
             }
             "passed" => outcome = Some(Ok(())),
@@ -426,19 +404,23 @@ async fn dashboard_pages_show_the_actions_in_headless_chromium() {
             _ => {}
         }
     }
-    let status = node.wait().unwrap();
+    // The script said it is done: it exits at once.
+    let (status, _) = wait_exit(&mut node, Duration::from_secs(30));
     if let Err(e) = outcome.unwrap() {
         panic!("browser checks failed (screenshots in {}): {e}", shots.display());
     }
     assert!(status.success(), "node exited with {status}");
     let stopped_in = stopped_in.expect("the server was stopped with a tab open");
     eprintln!("kiln exited {stopped_in:?} after SIGTERM with a dashboard tab open");
-    let live_run = live_run.expect("the live action ran");
-    let (_, live_resp) = tokio::time::timeout(Duration::from_secs(5), live_run)
-        .await
-        .expect("the live action finished before the server stopped")
-        .unwrap();
-    assert_eq!(live_resp.result.map(|r| r.exit_code), Some(0));
+    let live_run = live_run.expect("the live actions ran");
+    assert_eq!(live_run.len(), live.len());
+    for run in live_run {
+        let (_, live_resp) = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the live action finished before the server stopped")
+            .unwrap();
+        assert_eq!(live_resp.result.map(|r| r.exit_code), Some(0));
+    }
     for page in [
         "overview",
         "workers",

@@ -67,7 +67,7 @@ function build(a) {
   const r = a.result;
   const rec = a.record;
   const md = r?.metadata || rec?.metadata;
-  const timing = md?.timing || rec?.timing;
+  const timing = md?.timing;
   const mnemonic = rec?.mnemonic || a.live?.mnemonic;
   const target = rec?.target_id || a.live?.target_id;
   const worker = r?.worker || rec?.worker || a.live?.worker;
@@ -79,7 +79,7 @@ function build(a) {
 
   const cmd = a.command;
   const summary = h('div', { class: 'panel grid summary section', id: 'action-summary' },
-    h('div', null, h('div', { class: 'k', text: 'Exit code' }), h('div', { class: 'v exit-big', id: 'exit-code', text: r ? String(r.exit_code) : (rec?.exit_code ?? '–') })),
+    h('div', null, h('div', { class: 'k', text: 'Exit code' }), h('div', { class: 'v', id: 'exit-code', text: r ? String(r.exit_code) : (rec?.exit_code ?? '–') })),
     h('div', null, h('div', { class: 'k', text: 'Worker' }), h('div', { class: 'v', id: 'action-worker', text: worker || '–' })),
     h('div', null, h('div', { class: 'k', text: 'Duration' }), h('div', { class: 'v', text: dur(timing?.total_ms ?? timing?.worker_ms) })),
     h('div', null, h('div', { class: 'k', text: 'Result' }), h('div', { class: 'v', text: r ? (r.source === 'operation' ? 'from the operation' : 'from the Action Cache') : '–' })),
@@ -134,8 +134,8 @@ function build(a) {
     summary,
     h('div', { class: 'grid two-col section' }, requestPanel, timingPanel || panel('Timing', empty(a.live ? 'Running…' : 'No timing recorded.'))),
     h('div', { class: 'grid two-col section' }, commandPanel, h('div', { class: 'grid', style: { alignContent: 'start' } },
-      panel('Environment', props(cmd?.environment, 'No environment variables.'), { flush: true }),
-      panel('Platform', props(platform, 'Default platform (no properties).'), { flush: true }))),
+      panel('Environment', props(cmd?.environment, 'No environment variables.'), { flush: true, id: 'environment' }),
+      panel('Platform', props(platform, 'Default platform (no properties).'), { flush: true, id: 'platform' }))),
     r ? h('div', { class: 'grid two-col section' }, streamPanel('stdout', 'stdout', r.stdout, inst), streamPanel('stderr', 'stderr', r.stderr, inst)) : null,
     r ? h('div', { class: 'section' }, outputsPanel(r, inst)) : null,
     inputPanel,
@@ -148,11 +148,15 @@ export async function render(el, parts) {
   let a = await getJSON(path);
   mount(el, build(a));
   let busy = false;
+  let seq = null; // the latest finished action's number when last fetched
   return {
     title: 'Action',
     async onState(st) {
-      // Follow a running action until it completes.
-      if (busy || !(a.live || a.state === 'unknown')) return;
+      // Follow a running action until it completes (every tick: its phase
+      // changes). An action in no known state, e.g. opened from the CAS
+      // browser, is fetched again only when some action has finished.
+      if (busy || !(a.live || (a.state === 'unknown' && st.seq !== seq))) return;
+      seq = st.seq;
       busy = true;
       try {
         const next = await getJSON(path);

@@ -17,6 +17,7 @@ const FILTERS = [['', 'All'], ['executed', 'Executed'], ['cached', 'Cache hits']
 
 function row(r, fresh) {
   const href = recordHref(r);
+  const timing = r.metadata?.timing;
   return h('tr', { class: 'clickable' + (fresh ? ' flash' : ''), dataset: { seq: r.seq, digest: r.digest.hash }, onclick: ev => { if (!ev.target.closest('a')) location.hash = href; } },
     h('td', { class: 'nowrap muted', title: new Date(r.completed_at).toString(), text: clock(r.completed_at) }),
     h('td', null, statusPill(r)),
@@ -24,8 +25,8 @@ function row(r, fresh) {
     h('td', { class: 'truncate', title: r.target_id, text: r.target_id || '–' }),
     h('td', null, h('a', { class: 'digest', href, title: `${r.digest.function}:${r.digest.hash}/${r.digest.size}`, text: short(r.digest.hash, 12) })),
     h('td', { class: 'nowrap', text: r.cached ? '–' : (r.worker || '–') }),
-    h('td', { class: 'num nowrap', text: r.cached ? '–' : dur(r.timing.total_ms ?? r.timing.worker_ms) }),
-    h('td', null, r.cached ? h('span', { class: 'faint', text: 'from cache' }) : (phaseBar(r.timing) || h('span', { class: 'faint', text: '–' }))));
+    h('td', { class: 'num nowrap', text: r.cached ? '–' : dur(timing?.total_ms ?? timing?.worker_ms) }),
+    h('td', null, r.cached ? h('span', { class: 'faint', text: 'from cache' }) : (phaseBar(timing) || h('span', { class: 'faint', text: '–' }))));
 }
 
 export async function render(el, _parts, query) {

@@ -56,7 +56,7 @@ async function blobView(d, as) {
     h('span', { class: 'digest', text: `${dg.function}:${digestText(dg)}` }),
     h('span', { class: 'muted', text: bytes(dg.size) }),
     h('span', { class: 'spacer', style: { flex: '1' } }),
-    h('a', { class: 'btn', href: downloadHref(info.instance, dg) + (downloadHref(info.instance, dg).includes('?') ? '&' : '?') + 'inline=1', target: '_blank', rel: 'noopener', text: 'View raw' }),
+    h('a', { class: 'btn', href: downloadHref(info.instance, dg) + '?inline=1', target: '_blank', rel: 'noopener', text: 'View raw' }),
     h('a', { class: 'btn primary', id: 'cas-download', href: downloadHref(info.instance, dg), download: dg.hash, text: 'Download' })), { cls: 'section' });
 
   let body;

@@ -11,8 +11,8 @@ function card(label, value, detail, cls = '') {
   return h('div', { class: 'panel card ' + cls }, h('div', { class: 'label', text: label }), h('div', { class: 'value', text: value }), detail ? h('div', { class: 'detail', text: detail }) : null);
 }
 
-function chartPanel(title, sub, chartOpts) {
-  return panel(title, [lineChart(chartOpts), h('div', { style: { marginTop: '6px' } }, legend(chartOpts.series))], { extra: h('span', { class: 'muted', text: sub }) });
+function chartPanel(id, title, sub, chartOpts) {
+  return panel(title, [lineChart(chartOpts), h('div', { style: { marginTop: '6px' } }, legend(chartOpts.series))], { id, extra: h('span', { class: 'muted', text: sub }) });
 }
 
 function storeRow(s) {
@@ -47,18 +47,18 @@ function build(o) {
 
   const storeNames = Object.keys(s.store_bytes);
   const charts = h('div', { class: 'grid charts' },
-    chartPanel('Action Cache hit rate', 'per interval', {
+    chartPanel('chart-hit-rate', 'Action Cache hit rate', 'per interval', {
       t: s.t, format: v => pct(v, 0), yMax: 1, label: 'Action Cache hit rate',
       series: [{ name: 'hit rate', color: 'var(--c1)', values: s.hit_rate }],
     }),
-    chartPanel('CAS throughput', 'bytes per second', {
+    chartPanel('chart-cas', 'CAS throughput', 'bytes per second', {
       t: s.t, format: rate, label: 'CAS throughput',
       series: [
         { name: 'read', color: 'var(--c2)', values: s.cas_read_bytes_per_sec },
         { name: 'written', color: 'var(--c1)', values: s.cas_written_bytes_per_sec },
       ],
     }),
-    chartPanel('Actions', 'per minute', {
+    chartPanel('chart-actions', 'Actions', 'per minute', {
       t: s.t, format: v => num(v), label: 'Actions per minute',
       series: [
         { name: 'executed', color: 'var(--c1)', values: s.executed_per_min },
@@ -66,7 +66,7 @@ function build(o) {
         { name: 'failed', color: 'var(--c6)', values: s.failed_per_min, noFill: true },
       ],
     }),
-    chartPanel('Store usage', 'bytes held', {
+    chartPanel('chart-stores', 'Store usage', 'bytes held', {
       t: s.t, format: bytes, label: 'Store usage',
       series: storeNames.map((n, i) => ({ name: n, color: COLORS[i % COLORS.length], values: s.store_bytes[n], noFill: storeNames.length > 2 })),
     }));

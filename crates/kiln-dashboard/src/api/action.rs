@@ -10,6 +10,9 @@ use axum::extract::{Path, Query, State};
 use kiln_cache::Instance;
 use kiln_digest::{BlobKey, DigestFunction};
 use kiln_proto::reapi::{Action, ActionResult, Command, Digest, Directory, ExecuteResponse};
+use kiln_scheduler::operations;
+use kiln_scheduler::state::OperationView;
+use kiln_scheduler::state::snapshot::{ActionSnapshot, StateSnapshot};
 use kiln_store::codec;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -36,69 +39,52 @@ pub async fn by_operation(
     if name.is_empty() {
         return Err(DashboardError::BadRequest("operation must not be empty".into()));
     }
-    if let Some(r) = state.recent.find(|r| r.record.operation == name) {
-        let rec = &r.record;
+    let record = state.recent.find(|r| r.record.operation == name);
+    let (snapshot, view) = match &state.scheduler {
+        Some(s) => (Some(s.snapshot().await), s.operation(&name).await),
+        None => (None, None),
+    };
+    // The action: from the recent record, else the live queue, else the
+    // retained operation.
+    let (instance, key) = {
+        let (instance_name, f, digest, what) = if let Some(r) = &record {
+            let rec = &r.record;
+            (
+                &rec.instance_name,
+                rec.digest_function,
+                &rec.action_digest,
+                "recorded",
+            )
+        } else if let Some(a) = snapshot
+            .as_ref()
+            .and_then(|snap| queued_or_executing(snap, &name))
+        {
+            (&a.instance_name, a.digest_function, &a.action_digest, "queued")
+        } else if let Some(v) = &view {
+            (&v.instance_name, v.digest_function, &v.action_digest, "operation")
+        } else {
+            return Err(DashboardError::NotFound(format!(
+                "operation {name:?} is not known (finished operations are kept for a while, the last {} actions in the recent list)",
+                crate::RECENT_ACTIONS
+            )));
+        };
         let instance = state
             .instances
-            .get(&rec.instance_name)
+            .get(instance_name)
             .map_err(|e| DashboardError::NotFound(e.to_string()))?
             .clone();
-        let key = BlobKey::from_digest(rec.digest_function, &rec.action_digest)
-            .map_err(|e| DashboardError::Unprocessable(format!("recorded digest: {e}")))?;
-        return detail(&state, instance, key, Some(name)).await;
-    }
-    if let Some(s) = &state.scheduler {
-        let snap = s.snapshot().await;
-        let live = snap
-            .queued
-            .iter()
-            .map(|q| &q.action)
-            .chain(snap.executing.iter().map(|e| &e.action))
-            .find(|a| a.operations.contains(&name));
-        if let Some(a) = live {
-            let instance = state
-                .instances
-                .get(&a.instance_name)
-                .map_err(|e| DashboardError::NotFound(e.to_string()))?
-                .clone();
-            let key = BlobKey::from_digest(a.digest_function, &a.action_digest)
-                .map_err(|e| DashboardError::Unprocessable(format!("queued digest: {e}")))?;
-            return detail(&state, instance, key, Some(name)).await;
-        }
-        if let Some(view) = s.operation(&name).await {
-            let key = BlobKey::from_digest(view.digest_function, &view.action_digest)
-                .map_err(|e| DashboardError::Unprocessable(format!("operation digest: {e}")))?;
-            let instance = instance_holding(&state, &key).await?;
-            return detail(&state, instance, key, Some(name)).await;
-        }
-    }
-    Err(DashboardError::NotFound(format!(
-        "operation {name:?} is not known (finished operations are kept for a while, the last {} actions in the recent list)",
-        crate::RECENT_ACTIONS
-    )))
-}
-
-/// The instance whose CAS holds `key` (the first accepting its function
-/// when none does).
-async fn instance_holding(state: &Shared, key: &BlobKey) -> DashboardResult<Arc<Instance>> {
-    let mut fallback = None;
-    let mut names: Vec<&Arc<Instance>> = state.instances.iter().collect();
-    names.sort_by(|a, b| a.name.cmp(&b.name));
-    for inst in names {
-        if inst.check_function(key.function()).is_err() {
-            continue;
-        }
-        let found = inst
-            .cas
-            .has_many(std::slice::from_ref(key))
-            .await
-            .map_err(DashboardError::store(format!("looking for {key}")))?;
-        if found.first().copied().unwrap_or(false) {
-            return Ok(inst.clone());
-        }
-        fallback.get_or_insert_with(|| inst.clone());
-    }
-    fallback.ok_or_else(|| DashboardError::NotFound(format!("no instance accepts {}", key.function())))
+        let key = BlobKey::from_digest(f, digest)
+            .map_err(|e| DashboardError::Unprocessable(format!("{what} digest: {e}")))?;
+        (instance, key)
+    };
+    let record = record.or_else(|| latest_record(&state, &instance, &key));
+    let known = Known {
+        operation: Some(name),
+        record,
+        snapshot,
+        view,
+    };
+    detail(instance, key, known).await
 }
 
 /// `GET /api/action/{instance}/{function}/{hash}/{size}`.
@@ -107,7 +93,50 @@ pub async fn by_digest(
     Path(p): Path<(String, String, String, String)>,
 ) -> DashboardResult<Json<ActionDetail>> {
     let (instance, key) = digest_path::blob(&state.instances, &p.0, &p.1, &p.2, &p.3)?;
-    detail(&state, instance, key, None).await
+    let record = latest_record(&state, &instance, &key);
+    let operation = record
+        .as_ref()
+        .map(|r| r.record.operation.clone())
+        .filter(|o| !o.is_empty());
+    let (snapshot, view) = match (&state.scheduler, &operation) {
+        (Some(s), Some(op)) => (Some(s.snapshot().await), s.operation(op).await),
+        (Some(s), None) => (Some(s.snapshot().await), None),
+        (None, _) => (None, None),
+    };
+    let known = Known {
+        operation,
+        record,
+        snapshot,
+        view,
+    };
+    detail(instance, key, known).await
+}
+
+/// The queued or executing action that `operation` waits for.
+fn queued_or_executing<'a>(snap: &'a StateSnapshot, operation: &str) -> Option<&'a ActionSnapshot> {
+    snap.queued
+        .iter()
+        .map(|q| &q.action)
+        .chain(snap.executing.iter().map(|e| &e.action))
+        .find(|a| a.operations.iter().any(|o| o == operation))
+}
+
+/// The newest recent record of this action.
+fn latest_record(state: &Shared, instance: &Instance, key: &BlobKey) -> Option<Arc<Recent>> {
+    let digest = key.to_digest();
+    state
+        .recent
+        .find(|r| r.record.instance_name == instance.name && r.record.action_digest == digest)
+}
+
+/// What the recent list and the scheduler know of one action, looked up
+/// once by the handler.
+struct Known {
+    operation: Option<String>,
+    record: Option<Arc<Recent>>,
+    snapshot: Option<StateSnapshot>,
+    /// The operation's current view (running or retained).
+    view: Option<Arc<OperationView>>,
 }
 
 #[derive(Serialize)]
@@ -212,58 +241,36 @@ pub struct ActionDetail {
     notes: Vec<String>,
 }
 
-fn props(p: Option<&kiln_proto::reapi::Platform>) -> Vec<Property> {
-    json::platform(p)
-}
-
 fn key_of(f: DigestFunction, d: Option<&Digest>) -> Option<BlobKey> {
     d.and_then(|d| BlobKey::from_digest(f, d).ok())
 }
 
+/// stdout or stderr: inlined in the result, else the start of its blob.
 async fn stream_json(
     instance: &Instance,
     f: DigestFunction,
     raw: &[u8],
     digest: Option<&Digest>,
 ) -> DashboardResult<Option<StreamJson>> {
-    let key = key_of(f, digest);
-    if !raw.is_empty() {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let (size, preview, truncated, missing) = if !raw.is_empty() {
         let shown = &raw[..raw.len().min(PREVIEW_BYTES as usize)];
-        return Ok(Some(StreamJson {
-            digest: DigestJson::opt(f, digest),
-            size: i64::try_from(raw.len()).unwrap_or(i64::MAX),
-            preview: String::from_utf8_lossy(shown).into_owned(),
-            truncated: shown.len() < raw.len(),
-            missing: false,
-        }));
-    }
-    let Some(key) = key else { return Ok(None) };
-    let size = i64::try_from(key.size()).unwrap_or(i64::MAX);
-    if key.size() == 0 {
-        return Ok(Some(StreamJson {
-            digest: DigestJson::opt(f, digest),
-            size,
-            preview: String::new(),
-            truncated: false,
-            missing: false,
-        }));
-    }
-    let read = read_prefix(instance, &key, PREVIEW_BYTES).await?;
-    Ok(Some(match read {
-        Some((bytes, truncated)) => StreamJson {
-            digest: DigestJson::opt(f, digest),
-            size,
-            preview: String::from_utf8_lossy(&bytes).into_owned(),
-            truncated,
-            missing: false,
-        },
-        None => StreamJson {
-            digest: DigestJson::opt(f, digest),
-            size,
-            preview: String::new(),
-            truncated: false,
-            missing: true,
-        },
+        (raw.len() as u64, text(shown), shown.len() < raw.len(), false)
+    } else {
+        let Some(key) = key_of(f, digest) else {
+            return Ok(None);
+        };
+        match read_prefix(instance, &key, PREVIEW_BYTES).await? {
+            Some((bytes, truncated)) => (key.size(), text(&bytes), truncated, false),
+            None => (key.size(), String::new(), false, true),
+        }
+    };
+    Ok(Some(StreamJson {
+        digest: DigestJson::opt(f, digest),
+        size: i64::try_from(size).unwrap_or(i64::MAX),
+        preview,
+        truncated,
+        missing,
     }))
 }
 
@@ -338,45 +345,25 @@ async fn ac_entry(instance: &Instance, key: &BlobKey) -> DashboardResult<Option<
     Ok(data.and_then(|d| ActionResult::decode(d).ok()))
 }
 
-async fn detail(
-    state: &Shared,
-    instance: Arc<Instance>,
-    key: BlobKey,
-    operation: Option<String>,
-) -> DashboardResult<Json<ActionDetail>> {
+async fn detail(instance: Arc<Instance>, key: BlobKey, known: Known) -> DashboardResult<Json<ActionDetail>> {
+    let Known {
+        operation,
+        record,
+        snapshot,
+        view,
+    } = known;
     let f = key.function();
     let digest = key.to_digest();
     let mut notes = Vec::new();
-    let same = |r: &Recent| r.record.instance_name == instance.name && r.record.action_digest == digest;
-    let record = match &operation {
-        Some(op) => state
-            .recent
-            .find(|r| &r.record.operation == op)
-            .or_else(|| state.recent.find(same)),
-        None => state.recent.find(same),
-    };
-    let operation = operation.or_else(|| {
-        record
-            .as_ref()
-            .map(|r| r.record.operation.clone())
-            .filter(|o| !o.is_empty())
-    });
 
     // Live state.
     let mut live = None;
-    if let Some(s) = &state.scheduler {
-        let snap = s.snapshot().await;
-        let matches = |a: &kiln_scheduler::state::snapshot::ActionSnapshot| {
-            a.instance_name == instance.name && a.action_digest == digest
-        };
+    if let Some(snap) = &snapshot {
+        let matches = |a: &ActionSnapshot| a.instance_name == instance.name && a.action_digest == digest;
         if let Some(e) = snap.executing.iter().find(|e| matches(&e.action)) {
             live = Some(LiveJson {
                 state: "executing",
-                worker: if e.worker_name.is_empty() {
-                    e.worker_id.clone()
-                } else {
-                    e.worker_name.clone()
-                },
+                worker: e.worker_name.clone(),
                 phase: json::phase(e.started, e.progress.as_ref()),
                 queued_at: json::ms(e.action.queued_at),
                 assigned_at: Some(json::ms(e.assigned_at)),
@@ -433,10 +420,7 @@ async fn detail(
     // Result: the retained operation first (it has failures too), else the
     // Action Cache.
     let mut result = None;
-    if let (Some(s), Some(op)) = (&state.scheduler, &operation)
-        && let Some(view) = s.operation(op).await
-        && let Some(resp) = &view.response
-    {
+    if let Some(resp) = view.as_ref().and_then(|v| v.response.as_ref()) {
         let empty = ActionResult::default();
         let r = resp.result.as_ref().unwrap_or(&empty);
         result = Some(result_json(&instance, f, "operation", Some(resp), r).await?);
@@ -475,24 +459,15 @@ async fn detail(
         action: action.as_ref().map(|a| ActionJson {
             command_digest: DigestJson::opt(f, a.command_digest.as_ref()),
             input_root_digest: DigestJson::opt(f, a.input_root_digest.as_ref()),
-            timeout_ms: a
-                .timeout
-                .as_ref()
-                .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000)),
+            timeout_ms: operations::from_proto_duration(a.timeout.as_ref())
+                .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
             do_not_cache: a.do_not_cache,
             salt_hex: a.salt.iter().map(|b| format!("{b:02x}")).collect(),
-            platform: props(a.platform.as_ref()),
+            platform: json::platform(a.platform.as_ref()),
         }),
         command: command.as_ref().map(|c| CommandJson {
             arguments: c.arguments.clone(),
-            environment: c
-                .environment_variables
-                .iter()
-                .map(|e| Property {
-                    name: e.name.clone(),
-                    value: e.value.clone(),
-                })
-                .collect(),
+            environment: json::properties(c.environment_variables.iter().map(|e| (&e.name, &e.value))),
             output_paths: c.output_paths.clone(),
             #[allow(deprecated)]
             output_files: c.output_files.clone(),
@@ -500,7 +475,7 @@ async fn detail(
             output_directories: c.output_directories.clone(),
             working_directory: c.working_directory.clone(),
             #[allow(deprecated)]
-            platform: props(c.platform.as_ref()),
+            platform: json::platform(c.platform.as_ref()),
         }),
         input_root,
         result,

@@ -5,7 +5,7 @@ use axum::extract::{Query, State};
 use serde::{Deserialize, Serialize};
 
 use crate::digest_path::instance_segment;
-use crate::json::{self, DigestJson, MetadataJson, Property, Timing, code_name};
+use crate::json::{self, DigestJson, MetadataJson, Property, code_name};
 use crate::recent::{RECENT_ACTIONS, Recent};
 use crate::state::Shared;
 
@@ -30,9 +30,8 @@ pub struct RecordJson {
     tool: String,
     platform: Vec<Property>,
     completed_at: i64,
-    /// Phases of the execution (for a cache hit: of the run that produced
-    /// the cached result).
-    timing: Timing,
+    /// The execution's timestamps and phases (`metadata.timing`); for a
+    /// cache hit, of the run that produced the cached result.
     metadata: Option<MetadataJson>,
 }
 
@@ -53,7 +52,7 @@ impl RecordJson {
             status_code: rec.status_code,
             status: code_name(rec.status_code),
             exit_code: rec.exit_code,
-            failed: rec.status_code != 0 || rec.exit_code.is_some_and(|c| c != 0),
+            failed: rec.failed(),
             worker: rec.worker.clone(),
             mnemonic: rec.request.action_mnemonic.clone(),
             target_id: rec.request.target_id.clone(),
@@ -62,7 +61,6 @@ impl RecordJson {
             tool,
             platform: json::platform(Some(&rec.platform)),
             completed_at: json::ms(rec.completed_at),
-            timing: rec.metadata.as_ref().map(Timing::of).unwrap_or_default(),
             metadata: rec.metadata.as_ref().map(MetadataJson::of),
         }
     }
@@ -101,11 +99,10 @@ pub async fn recent(State(state): State<Shared>, Query(q): Query<RecentQuery>) -
         if r.seq <= after {
             return false;
         }
-        let failed = rec.status_code != 0 || rec.exit_code.is_some_and(|c| c != 0);
         let kind_ok = match filter {
             "cached" => rec.cached,
             "executed" => !rec.cached,
-            "failed" => failed,
+            "failed" => rec.failed(),
             _ => true,
         };
         kind_ok

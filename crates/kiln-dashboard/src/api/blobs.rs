@@ -51,7 +51,8 @@ pub async fn read_prefix(
 }
 
 /// Decodes a protocol message stored in the CAS. Absent → 404; larger than
-/// [`MAX_MESSAGE_BYTES`] or undecodable → 422.
+/// [`MAX_MESSAGE_BYTES`] or undecodable → 422. The empty blob (the empty
+/// Directory, among others) is always present.
 pub async fn read_message<M: Message + Default>(
     instance: &Instance,
     key: &BlobKey,
@@ -63,13 +64,18 @@ pub async fn read_message<M: Message + Default>(
             key.size()
         )));
     }
-    let data = codec::get_identity(instance.cas.as_ref(), key)
-        .await
-        .map_err(DashboardError::store(format!(
-            "reading {what} {key} from the CAS of instance {:?}",
-            instance.name
-        )))?
-        .ok_or_else(|| DashboardError::NotFound(format!("{what} {key} is not in the CAS")))?;
+    let data = if key.is_empty_blob() {
+        // Never stored, always present (REAPI), as in `read_prefix`.
+        Bytes::new()
+    } else {
+        codec::get_identity(instance.cas.as_ref(), key)
+            .await
+            .map_err(DashboardError::store(format!(
+                "reading {what} {key} from the CAS of instance {:?}",
+                instance.name
+            )))?
+            .ok_or_else(|| DashboardError::NotFound(format!("{what} {key} is not in the CAS")))?
+    };
     M::decode(data).map_err(|e| DashboardError::Unprocessable(format!("{key} is not a valid {what}: {e}")))
 }
 
@@ -83,5 +89,41 @@ pub async fn read_message_opt<M: Message + Default>(
         Ok(m) => Ok(Some(m)),
         Err(DashboardError::NotFound(_)) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use kiln_digest::DigestFunction;
+    use kiln_proto::reapi::Directory;
+    use kiln_store::Store;
+    use kiln_store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn the_empty_blob_is_present_without_being_stored() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(1 << 20));
+        let instance = Instance::new("", store.clone(), store);
+        let empty = BlobKey::empty(DigestFunction::Sha256);
+        let dir: Directory = read_message(&instance, &empty, "Directory").await.unwrap();
+        assert_eq!(dir, Directory::default());
+        let opt: Option<Directory> = read_message_opt(&instance, &empty, "Directory").await.unwrap();
+        assert_eq!(opt, Some(Directory::default()));
+        assert_eq!(
+            read_prefix(&instance, &empty, PREVIEW_BYTES).await.unwrap(),
+            Some((Bytes::new(), false))
+        );
+        // Any other absent blob is still missing.
+        let absent = BlobKey::of(DigestFunction::Sha256, b"absent");
+        assert!(matches!(
+            read_message::<Directory>(&instance, &absent, "Directory").await,
+            Err(DashboardError::NotFound(_))
+        ));
+        assert_eq!(
+            read_prefix(&instance, &absent, PREVIEW_BYTES).await.unwrap(),
+            None
+        );
     }
 }

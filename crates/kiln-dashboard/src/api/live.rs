@@ -117,11 +117,7 @@ pub async fn queue(State(state): State<Shared>) -> Json<QueueJson> {
             .iter()
             .map(|e| ExecutingJson {
                 action: ActionJson::of(&e.action),
-                worker: if e.worker_name.is_empty() {
-                    e.worker_id.clone()
-                } else {
-                    e.worker_name.clone()
-                },
+                worker: e.worker_name.clone(),
                 worker_id: e.worker_id.clone(),
                 lease_id: e.lease_id.clone(),
                 assigned_at: json::ms(e.assigned_at),
@@ -190,14 +186,7 @@ pub async fn workers(State(state): State<Shared>) -> Json<WorkersJson> {
             slots: w.slots,
             busy: w.busy,
             load: w.load,
-            properties: w
-                .properties
-                .iter()
-                .map(|(name, value)| Property {
-                    name: name.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
+            properties: json::properties(w.properties.iter().map(|(name, value)| (name, value))),
             connected: w.connected,
             draining: w.draining,
             last_seen: json::ms(w.last_seen),

@@ -94,7 +94,7 @@ impl SchedulerState for MemoryState {
         let job_id = inner.next_job;
         inner.next_job += 1;
         let class = Arc::new(new.requirements.clone());
-        let invocation: Arc<str> = Arc::from(new.invocation_id.as_str());
+        let invocation: Arc<str> = Arc::from(new.request.tool_invocation_id.as_str());
         let entry = QueueEntry {
             job: job_id,
             priority: new.priority,
@@ -234,13 +234,18 @@ impl SchedulerState for MemoryState {
                     .collect()
             })
             .unwrap_or_default();
-        let worker_name = reg.name.clone();
+        // The display name every consumer sees: never empty.
+        let worker_name = if reg.name.is_empty() {
+            reg.worker_id.clone()
+        } else {
+            reg.name
+        };
         for (job_id, started) in forgotten {
             inner.requeue(job_id, started.then(|| worker_name.clone()), config, now);
         }
         match inner.workers.get_mut(&reg.worker_id) {
             Some(w) => {
-                w.name = reg.name;
+                w.name = worker_name;
                 w.caps = reg.caps;
                 w.slots = reg.slots;
                 w.conn = Some(conn);
@@ -252,7 +257,7 @@ impl SchedulerState for MemoryState {
                 inner.workers.insert(
                     reg.worker_id.clone(),
                     Worker {
-                        name: reg.name,
+                        name: worker_name,
                         caps: reg.caps,
                         slots: reg.slots,
                         conn: Some(conn),
@@ -373,9 +378,6 @@ impl SchedulerState for MemoryState {
         let g = self.inner.lock();
         let job = g.jobs.get(&g.lease_job(worker, lease)?)?;
         Some(LeaseInfo {
-            instance_name: job.new.instance_name.clone(),
-            action_key: job.new.action_key.clone(),
-            cacheable: job.new.cacheable,
             job: job.new.clone(),
             operation: job.ops.first().cloned().unwrap_or_default(),
             worker_name: g.workers.get(worker).map(|w| w.name.clone()).unwrap_or_default(),
@@ -630,5 +632,44 @@ impl SchedulerState for MemoryState {
                 .filter_map(|w| Some((w.name.clone(), w.local_cache?)))
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::WorkerCaps;
+
+    fn registration(id: &str, name: &str) -> WorkerRegistration {
+        WorkerRegistration {
+            worker_id: id.into(),
+            name: name.into(),
+            caps: WorkerCaps::default(),
+            slots: 1,
+            running_leases: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_without_a_name_is_named_by_its_id() {
+        let state = MemoryState::new(Arc::new(SchedulerConfig::default()));
+        let now = SystemTime::now();
+        state.register_worker(registration("w-1", ""), 1, now).await;
+        state.register_worker(registration("w-2", "named"), 2, now).await;
+        let names: Vec<(String, String)> = state
+            .snapshot(now)
+            .await
+            .workers
+            .into_iter()
+            .map(|w| (w.id, w.name))
+            .collect();
+        assert_eq!(
+            names,
+            [("w-2".into(), "named".into()), ("w-1".into(), "w-1".into())]
+        );
+        // A re-registration without a name keeps the fallback too.
+        state.register_worker(registration("w-2", ""), 3, now).await;
+        let snap = state.snapshot(now).await;
+        assert!(snap.workers.iter().all(|w| w.name == w.id), "{:?}", snap.workers);
     }
 }

@@ -44,9 +44,8 @@ pub struct NewJob {
     pub requirements: Requirements,
     /// ExecutionPolicy.priority (lower runs sooner).
     pub priority: i32,
-    /// RequestMetadata.tool_invocation_id ("" when absent).
-    pub invocation_id: String,
-    /// The Execute call's RequestMetadata (for the completion record).
+    /// The Execute call's RequestMetadata (for the completion record; its
+    /// `tool_invocation_id`, "" when absent, is the fair-share invocation).
     pub request: RequestInfo,
     /// Effective timeout.
     pub timeout: Duration,
@@ -59,6 +58,8 @@ pub struct NewJob {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OperationView {
     pub name: String,
+    /// The instance the action was submitted to.
+    pub instance_name: String,
     pub stage: Stage,
     pub action_digest: Digest,
     pub digest_function: DigestFunction,
@@ -88,6 +89,8 @@ pub struct Submitted {
 #[derive(Debug, Clone)]
 pub struct WorkerRegistration {
     pub worker_id: WorkerId,
+    /// As the worker sent it; may be empty, in which case the state names
+    /// the worker by its id (a stored worker name is never empty).
     pub name: String,
     pub caps: WorkerCaps,
     pub slots: u32,
@@ -98,14 +101,12 @@ pub struct WorkerRegistration {
 /// result (to write the Action Cache).
 #[derive(Debug, Clone)]
 pub struct LeaseInfo {
-    pub instance_name: String,
-    pub action_key: BlobKey,
-    pub cacheable: bool,
-    /// The job the lease runs (for the completion record).
+    /// The job the lease runs (instance, action key, cacheability, and what
+    /// the completion record reports).
     pub job: Arc<NewJob>,
     /// The first operation of the job.
     pub operation: String,
-    /// The worker's name.
+    /// The worker's display name (never empty: its id when it sent none).
     pub worker_name: String,
     pub queued_at: SystemTime,
 }
@@ -158,6 +159,21 @@ pub struct StateStats {
     /// Each connected worker's last reported local cache counters, by
     /// worker name (workers that reported none are absent).
     pub worker_local_cache: Vec<(String, LocalCacheCounters)>,
+}
+
+/// Fills what the scheduler knows into a worker's execution metadata: the
+/// worker's name and the queued time, unless the worker set them.
+pub(crate) fn fill_execution_metadata(
+    md: &mut ExecutedActionMetadata,
+    worker_name: &str,
+    queued_at: SystemTime,
+) {
+    if md.worker.is_empty() {
+        md.worker = worker_name.to_string();
+    }
+    if md.queued_timestamp.is_none() {
+        md.queued_timestamp = Some(crate::operations::to_timestamp(queued_at));
+    }
 }
 
 #[async_trait]

@@ -20,6 +20,10 @@ pub struct StateSnapshot {
     pub queued: Vec<QueuedAction>,
     /// How many actions are queued (may exceed `queued.len()`).
     pub queued_total: usize,
+    /// Queued actions per platform, as in
+    /// [`super::StateStats::queued_by_platform`] (taken at the same moment
+    /// as the rest of the snapshot).
+    pub queued_by_platform: Vec<(String, usize)>,
     /// Executing actions, the oldest assignment first.
     pub executing: Vec<ExecutingAction>,
     /// How many actions are executing (may exceed `executing.len()`).
@@ -60,6 +64,7 @@ pub struct QueuedAction {
 pub struct ExecutingAction {
     pub action: ActionSnapshot,
     pub worker_id: String,
+    /// The worker's display name (its id when it sent no name).
     pub worker_name: String,
     pub lease_id: String,
     pub assigned_at: SystemTime,
@@ -73,6 +78,7 @@ pub struct ExecutingAction {
 #[derive(Debug, Clone)]
 pub struct WorkerSnapshot {
     pub id: String,
+    /// Display name (the id when the worker sent no name).
     pub name: String,
     pub slots: u32,
     /// Leases it holds.

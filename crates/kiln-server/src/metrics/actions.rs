@@ -20,7 +20,7 @@ use std::collections::HashSet;
 
 use kiln_proto::protobuf::Timestamp;
 use kiln_proto::reapi::ExecutedActionMetadata;
-use kiln_scheduler::observe::{ActionObserver, ActionRecord};
+use kiln_scheduler::observe::{ActionObserver, ActionOutcome, ActionRecord};
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -49,15 +49,17 @@ fn seconds_histogram() -> Histogram {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// The `outcome` label values, in [`Outcome`] order.
+/// The `outcome` label values, in [`outcome_index`] order.
 const OUTCOMES: [&str; 4] = ["cached", "success", "failure", "error"];
 
-#[derive(Debug, Clone, Copy)]
-enum Outcome {
-    Cached = 0,
-    Success = 1,
-    Failure = 2,
-    Error = 3,
+/// The index of `outcome`'s label in [`OUTCOMES`].
+fn outcome_index(outcome: ActionOutcome) -> usize {
+    match outcome {
+        ActionOutcome::Cached => 0,
+        ActionOutcome::Success => 1,
+        ActionOutcome::Failure => 2,
+        ActionOutcome::Error => 3,
+    }
 }
 
 #[derive(Debug)]
@@ -126,28 +128,15 @@ impl ActionMetrics {
     }
 }
 
-/// Seconds from `start` to `end` when both are set and in order.
+/// Seconds from `start` to `end` when both are set and in order
+/// ([`kiln_proto::time::interval`]).
 fn between(start: Option<&Timestamp>, end: Option<&Timestamp>) -> Option<f64> {
-    let (s, e) = (start?, end?);
-    let secs = (e.seconds - s.seconds) as f64 + f64::from(e.nanos - s.nanos) / 1e9;
-    (secs >= 0.0).then_some(secs)
-}
-
-fn outcome(record: &ActionRecord) -> Outcome {
-    if record.cached {
-        Outcome::Cached
-    } else if record.status_code != 0 || record.exit_code.is_none() {
-        Outcome::Error
-    } else if record.exit_code == Some(0) {
-        Outcome::Success
-    } else {
-        Outcome::Failure
-    }
+    kiln_proto::time::interval(start, end).map(|d| d.as_secs_f64())
 }
 
 impl ActionObserver for ActionMetrics {
     fn action_completed(&self, record: &ActionRecord) {
-        self.by_outcome[outcome(record) as usize].inc();
+        self.by_outcome[outcome_index(record.outcome())].inc();
         if record.cached {
             return;
         }
@@ -215,6 +204,8 @@ mod tests {
         );
         assert_eq!(between(ts(10, 0).as_ref(), None), None);
         assert_eq!(between(ts(12, 0).as_ref(), ts(10, 0).as_ref()), None);
+        // An unset start is no start (not decades ago).
+        assert_eq!(between(ts(0, 0).as_ref(), ts(12, 0).as_ref()), None);
     }
 
     #[test]

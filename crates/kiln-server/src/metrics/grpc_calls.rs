@@ -480,7 +480,7 @@ mod tests {
 
     #[test]
     fn error_status_in_trailers_is_counted_once() {
-        let metrics = Arc::new(super::super::ServerMetrics::new());
+        let metrics = Arc::new(super::super::ServerMetrics::with_enabled(true));
         let method = metrics.grpc.method("/google.bytestream.ByteStream/Read");
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("13"));

@@ -40,18 +40,7 @@ pub struct ServerMetrics {
     scheduler: Mutex<Option<Weak<Scheduler>>>,
 }
 
-impl Default for ServerMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl ServerMetrics {
-    /// Empty, enabled metrics for one server.
-    pub fn new() -> Self {
-        Self::with_enabled(true)
-    }
-
     /// Metrics that are collected and served only when `enabled`.
     pub fn with_enabled(enabled: bool) -> Self {
         ServerMetrics {

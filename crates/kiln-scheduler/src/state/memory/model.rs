@@ -16,7 +16,9 @@ use crate::config::SchedulerConfig;
 use crate::operations::{epoch_ms, error_response, to_proto_duration, to_timestamp};
 use crate::platform::{Requirements, WorkerCaps};
 use crate::queue::{JobId, QueueEntry, QueuePos, ReadyQueue};
-use crate::state::{ConnId, Effects, NewJob, OperationView, OperationWatch, Outgoing};
+use crate::state::{
+    ConnId, Effects, NewJob, OperationView, OperationWatch, Outgoing, fill_execution_metadata,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct DedupKey {
@@ -130,6 +132,7 @@ impl Inner {
         let name = format!("operations/{}", uuid::Uuid::new_v4());
         let view = OperationView {
             name: name.clone(),
+            instance_name: new.instance_name.clone(),
             stage,
             action_digest: new.action_key.to_digest(),
             digest_function: new.digest_function,
@@ -475,10 +478,5 @@ pub(super) fn fill_metadata(response: &mut ExecuteResponse, worker_name: &str, q
     response.cached_result = false;
     let result = response.result.get_or_insert_with(Default::default);
     let md = result.execution_metadata.get_or_insert_with(Default::default);
-    if md.worker.is_empty() {
-        md.worker = worker_name.to_string();
-    }
-    if md.queued_timestamp.is_none() {
-        md.queued_timestamp = Some(to_timestamp(queued_at));
-    }
+    fill_execution_metadata(md, worker_name, queued_at);
 }
