@@ -355,7 +355,7 @@ fn finish(
     let mut cleanup_error = None;
     for dir in scratch {
         if let Err(e) = super::mounts::reset_scratch(dir, &o.root) {
-            cleanup_error.get_or_insert(e);
+            cleanup_error.get_or_insert(format!("emptying the private tmpfs's failed: {e}"));
         }
     }
     // Without namespaces the zygote shares the worker's session keyring
@@ -363,7 +363,7 @@ fn finish(
     if o.namespaces
         && let Err(e) = super::keyrings::clear()
     {
-        cleanup_error.get_or_insert(e);
+        cleanup_error.get_or_insert(format!("clearing the slot's keyrings failed: {e}"));
     }
     let record = match Finished::decode(buf.as_slice()) {
         Ok(f) if !buf.is_empty() => f,
@@ -378,7 +378,6 @@ fn finish(
     if !record.setup_error.is_empty() {
         return (Kind::Failed, record.setup_error.into_bytes(), cleanup_error);
     }
-    let cleanup_error = cleanup_error.map(|e| format!("emptying the private tmpfs's failed: {e}"));
     (Kind::Finished, record.encode_to_vec(), cleanup_error)
 }
 
