@@ -105,23 +105,28 @@ async fn get_tree_over_a_missing_directory(
     let tag = uuid::Uuid::new_v4().to_string();
     let mut md = metadata(&tag);
     tweak(&mut md);
-    let mut tree = cas
-        .get_tree(with_metadata(
-            GetTreeRequest {
-                root_digest: Some(digest_of(&root)),
-                ..Default::default()
-            },
-            &md,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    read_tree(&mut cas, with_metadata(tree_of(&root), &md)).await;
+    md
+}
+
+fn tree_of(root: &[u8]) -> GetTreeRequest {
+    GetTreeRequest {
+        root_digest: Some(digest_of(root)),
+        ..Default::default()
+    }
+}
+
+/// Reads a GetTree answer to its end (bounded).
+async fn read_tree(
+    cas: &mut ContentAddressableStorageClient<tonic::transport::Channel>,
+    request: impl tonic::IntoRequest<GetTreeRequest>,
+) {
+    let mut tree = cas.get_tree(request).await.unwrap().into_inner();
     tokio::time::timeout(Duration::from_secs(30), async {
         while tree.message().await.unwrap().is_some() {}
     })
     .await
     .expect("GetTree answered within 30 s");
-    md
 }
 
 /// The call's method and RequestMetadata fields in `obj` (a JSON log
@@ -211,19 +216,7 @@ async fn the_log_level_comes_from_kiln_log_and_the_flag_wins() {
     }
     .encode_to_vec();
     upload_blobs(&mut cas, &[&root]).await;
-    let mut tree = cas
-        .get_tree(GetTreeRequest {
-            root_digest: Some(digest_of(&root)),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while tree.message().await.unwrap().is_some() {}
-    })
-    .await
-    .expect("GetTree answered within 30 s");
+    read_tree(&mut cas, tree_of(&root)).await;
     let stderr = kiln.stderr.as_ref().expect("stderr is captured");
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
